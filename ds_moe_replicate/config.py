@@ -1,0 +1,112 @@
+"""The ``"moe_replication"`` section of a DeepSpeed JSON config.
+
+``ReplicationConfig`` is a DeepSpeed-style pydantic model: unknown keys and bad values are
+refused, and every error names the offending field as ``moe_replication.<field>``. The JSON files
+in ``configs/`` are plain serialisations of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Literal, Mapping, Union
+
+from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+from pydantic import Field, ValidationError
+
+SECTION = "moe_replication"
+
+PredictorName = Literal["ema", "window"]
+KernelChoice = Literal["auto", "triton", "torch"]
+
+
+class ReplicationConfigError(ValueError):
+    """A ``moe_replication`` section that cannot be used; the message names each bad field."""
+
+
+class ReplicationConfig(DeepSpeedConfigModel):
+    """Predictive expert replication for ``ReplicatedMoE``, read from ``"moe_replication"``."""
+
+    enabled: bool = False
+    """Turn replication on. Off, ``ReplicatedMoE`` computes exactly what the stock
+    ``deepspeed.moe.layer.MoE`` computes, through the stock code path."""
+
+    slots_per_rank: int = Field(1, ge=0)
+    """Replica slots per expert-parallel rank (S): how many copies of other ranks' experts each
+    rank may hold besides its own. Each slot costs the memory of one expert."""
+
+    replan_interval: int = Field(4, ge=1)
+    """Forward steps between re-plans. At a re-plan the predicted loads give a new placement,
+    whose replica weights are prefetched and become active at the next step."""
+
+    predictor: PredictorName = "ema"
+    """Load predictor behind the plan: ``"ema"`` (exponential moving average of the gathered
+    expert counts) or ``"window"`` (mean over the last ``window`` steps)."""
+
+    ema_decay: float = Field(0.5, gt=0.0, lt=1.0)
+    """Weight of the history in the ``"ema"`` predictor: ``pred = decay * pred + (1 - decay) * counts``."""
+
+    window: int = Field(8, ge=1)
+    """Steps averaged by the ``"window"`` predictor."""
+
+    dropless: bool = True
+    """Compute every routed token (uneven all-to-all, no padding). ``false`` applies DeepSpeed's
+    capacity-factor semantics per physical slot: a replicated expert has capacity in every copy,
+    so fewer tokens are dropped than by the stock layer."""
+
+    prefer_local: bool = True
+    """When an expert has a copy on the token's own rank, send that rank's tokens to it first
+    (saves all-to-all traffic; the per-copy token counts are unchanged)."""
+
+    kernels: KernelChoice = "auto"
+    """Bookkeeping kernels: ``"auto"`` (Triton on CUDA, PyTorch twins elsewhere), ``"triton"``
+    (force Triton; on CPU only under ``TRITON_INTERPRET=1``) or ``"torch"`` (force the twins)."""
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> "ReplicationConfig":
+        """Validate a ``moe_replication`` mapping, raising ``ReplicationConfigError`` naming fields."""
+        if not isinstance(data, Mapping):
+            raise ReplicationConfigError(
+                f"{SECTION}: expected a JSON object, got {type(data).__name__} ({data!r})")
+        try:
+            return cls(strict=True, **dict(data))
+        except ValidationError as err:
+            lines = []
+            for e in err.errors():
+                field = ".".join(str(part) for part in e["loc"]) or "<section>"
+                got = f" (got {e['input']!r})" if "input" in e and e["type"] != "missing" else ""
+                lines.append(f"{SECTION}.{field}: {e['msg']}{got}")
+            raise ReplicationConfigError("invalid DeepSpeed config section:\n  " + "\n  ".join(lines)) from None
+
+    @classmethod
+    def from_ds_config(cls, config: Union[str, os.PathLike, Mapping[str, Any], None]) -> "ReplicationConfig":
+        """Read the ``"moe_replication"`` section of a DeepSpeed config.
+
+        Args:
+            config: a path to a DeepSpeed JSON file, the parsed dict (``engine.config`` after
+                ``deepspeed.initialize``), or None.
+
+        Returns:
+            The validated section; an absent section (or None) gives replication disabled.
+        """
+        if config is None:
+            return cls()
+        if isinstance(config, (str, os.PathLike)):
+            with open(config, encoding="utf-8") as fh:
+                try:
+                    config = json.load(fh)
+                except json.JSONDecodeError as err:
+                    raise ReplicationConfigError(f"{os.fspath(config)}: not valid JSON ({err})") from None
+        if not isinstance(config, Mapping):
+            raise ReplicationConfigError(f"expected a DeepSpeed config dict or path, got {type(config).__name__}")
+        section = config.get(SECTION)
+        return cls() if section is None else cls.parse(section)
+
+    @classmethod
+    def coerce(cls, value: Union["ReplicationConfig", Mapping[str, Any], None]) -> "ReplicationConfig":
+        """Accept a config, a section dict, or None (replication off)."""
+        if value is None:
+            return cls()
+        if isinstance(value, ReplicationConfig):
+            return value
+        return cls.parse(value)
