@@ -333,6 +333,21 @@ def plan_replicas(load: ArrayLike, ep_size: int, slots_per_rank: int, *,
     ncop_LE = np.ones((L, E), dtype=np.int64)
     nfree_LW = np.full((L, W), S, dtype=np.int64)
     stop_L = load_LE.sum(axis=1) / W / target_balancedness
+
+    # Bulk phase: experts heavier than a mean rank get their obvious replicas in one go, so the
+    # greedy below only refines (at 24 x 256 x 64 it cuts the sequential steps several-fold).
+    li, ei, ri = _bulk_replicas(load_LE, rank_LW, W, S, home_E // K)
+    if li.size:
+        # The k-th replica dealt to a rank takes its k-th replica slot; the j-th replica of an
+        # expert is its copy number j (the home copy is 0).
+        p = ri * K + e_loc + _occurrence(li * W + ri)
+        phy_LP[li, p] = ei
+        np.subtract.at(nfree_LW, (li, ri), 1)
+        held_LWE[li, ri, ei] = True
+        copies_LER[li, ei, 1 + _occurrence(li * E + ei)] = p
+        np.add.at(ncop_LE, (li, ei), 1)
+        _share_rounds(load_LE, slot_LP, rank_LW, copies_LER, ncop_LE, K, 1, integral=False)
+
     rows = np.arange(L)
     n, at = np.arange(L), rows[:, None]
 
@@ -356,7 +371,7 @@ def plan_replicas(load: ArrayLike, ep_size: int, slots_per_rank: int, *,
             if rows.size == 0:
                 break
             n, at = np.arange(rows.size), rows[:, None]
-        p = rmin * K + e_loc + S - nfree_LW[rows, rmin]
+        p = rmin * K + e_loc + S - nfree_LW[rows, rmin]  # replica slots fill from the left
         phy_LP[rows, p] = e
         nfree_LW[rows, rmin] -= 1
         copies_LER[rows, e, ncop_LE[rows, e]] = p
@@ -366,6 +381,36 @@ def plan_replicas(load: ArrayLike, ep_size: int, slots_per_rank: int, *,
 
     _share_rounds(load_LE, slot_LP, rank_LW, copies_LER, ncop_LE, K, _PLAN_ROUNDS, integral=False)
     return _finish(phy_LP, slot_LP, E, W, S)
+
+
+def _occurrence(key: np.ndarray) -> np.ndarray:
+    """For each entry, how many earlier entries share its key (0, 1, 2, ... in input order)."""
+    order = np.argsort(key, kind="stable")
+    ks = key[order]
+    first = np.r_[0, np.nonzero(np.diff(ks))[0] + 1]
+    out = np.empty(key.size, dtype=np.int64)
+    out[order] = np.arange(ks.size) - np.repeat(first, np.diff(np.r_[first, ks.size]))
+    return out
+
+
+def _bulk_replicas(load_LE: np.ndarray, rank_LW: np.ndarray, W: int, S: int, home_rank_E: np.ndarray):
+    """(layer, expert, rank) of the replicas every good plan has: an expert of load x gets
+    ceil(x / mean) - 1 of them, hottest first, dealt to the lightest ranks in turn (one slot of
+    every rank per round), skipping a rank that is the expert's home. At most W * S in all."""
+    out = []
+    mean_L = load_LE.sum(axis=1) / W
+    for layer in range(load_LE.shape[0]):
+        if mean_L[layer] <= 0:
+            continue
+        need = np.clip(np.ceil(load_LE[layer] / mean_L[layer] - 1e-9) - 1, 0, W - 1).astype(np.int64)
+        hot = np.argsort(-load_LE[layer], kind="stable")
+        experts = np.repeat(hot, need[hot])[: W * S]
+        ranks = np.tile(np.argsort(rank_LW[layer], kind="stable"), S)[: experts.size]
+        keep = ranks != home_rank_E[experts]
+        out.append((np.full(int(keep.sum()), layer), experts[keep], ranks[keep]))
+    if not out:
+        return (np.zeros(0, dtype=np.int64),) * 3
+    return tuple(np.concatenate(parts) for parts in zip(*out))
 
 
 def split_loads(load: ArrayLike, phy2log: ArrayLike, ep_size: int, integral: bool = False) -> torch.Tensor:
