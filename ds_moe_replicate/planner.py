@@ -21,7 +21,7 @@ a fraction of torch's at these sizes (24 layers x 256 experts x 64 ranks re-plan
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -237,8 +237,10 @@ def _share_rounds(load_LE, slot_LP, rank_LW, copies_LER, ncop_LE, K, rounds: int
             _fill_expert(rows, order_LE[rows, i], load_LE, slot_LP, rank_LW, copies_LER, ncop_LE, K, fill)
 
 
-def _log2phy(phy2log_LP: np.ndarray, num_experts: int, ep_size: int, max_copies: int):
-    """(log2phy [L, E, R], logcnt [L, E]): each expert's slots, home first, then by slot index."""
+def _log2phy(phy2log_LP: np.ndarray, num_experts: int, ep_size: int, max_copies: Optional[int] = None):
+    """(log2phy [L, E, R], logcnt [L, E]): each expert's slots, home first, then by slot index.
+
+    R is ``max_copies``, or the largest copy count in the placement when None."""
     L, P = phy2log_LP.shape
     K = P // ep_size
     is_home = (np.arange(P) % K) < num_experts // ep_size
@@ -250,7 +252,8 @@ def _log2phy(phy2log_LP: np.ndarray, num_experts: int, ep_size: int, max_copies:
     logcnt_LE = np.bincount(flat, minlength=L * (num_experts + 1)).reshape(L, -1)[:, :num_experts]
     start_LE = np.cumsum(logcnt_LE, axis=1) - logcnt_LE
     pos = np.arange(P)[None, :] - np.take_along_axis(start_LE, np.maximum(sorted_e, 0), axis=1)
-    log2phy_LER = np.full((L, num_experts, max_copies), -1, dtype=np.int64)
+    R = int(logcnt_LE.max(initial=1)) if max_copies is None else max_copies
+    log2phy_LER = np.full((L, num_experts, R), -1, dtype=np.int64)
     li, ci = np.nonzero(sorted_e >= 0)
     log2phy_LER[li, sorted_e[li, ci], pos[li, ci]] = order_LP[li, ci]
     return log2phy_LER, logcnt_LE
@@ -293,7 +296,7 @@ def home_plan(load: ArrayLike, ep_size: int, slots_per_rank: int = 0) -> Replica
 
 
 def plan_replicas(load: ArrayLike, ep_size: int, slots_per_rank: int, *,
-                  target_balancedness: float = 0.999) -> ReplicaPlan:
+                  target_balancedness: float = 0.995) -> ReplicaPlan:
     """Choose replica placements and token shares that minimise the largest rank load.
 
     Greedy placement, vectorised over layers: while a replica slot is free on a rank lighter than
@@ -447,8 +450,8 @@ def split_loads(load: ArrayLike, phy2log: ArrayLike, ep_size: int, integral: boo
     if not np.array_equal(phy[:, home_E], np.broadcast_to(np.arange(E), (L, E))):
         raise ValueError("phy2log must keep every expert in its home slot (DeepSpeed's placement)")
     # A rank holds an expert at most once (distinct fill values keep padding from colliding).
-    copies_LER, ncop_LE = _log2phy(phy, E, ep_size, P)
-    ranks = np.where(copies_LER >= 0, copies_LER // K, -1 - np.arange(P))
+    copies_LER, ncop_LE = _log2phy(phy, E, ep_size)
+    ranks = np.where(copies_LER >= 0, copies_LER // K, -1 - np.arange(copies_LER.shape[2]))
     if (np.diff(np.sort(ranks, axis=2), axis=2) == 0).any():
         raise ValueError("phy2log places two copies of one expert on the same rank")
     slot_LP = _home_load(load_LE, P, home_E)
