@@ -1,0 +1,289 @@
+"""Split, permute, all-to-all and combine for a layer whose experts may have several copies.
+
+Contract (Megatron-style): ``dispatch()`` does the local preprocess (assign each route to a
+physical slot, permute rows into send order), one uneven all-to-all, and groups the received
+rows by local slot; it returns the rows and a frozen ``DispatchMeta`` that ``combine()`` consumes
+for the reverse exchange, un-permute and gate-weighted sum over k.
+
+The split is derived on every rank from the same gathered counts, so every rank knows every
+send size without another collective: ``send_WP[w, p]`` = routes from rank w computed by
+physical slot p.
+
+Legend: T tokens on this rank, H hidden, K routes per token (top-k), E logical experts,
+W ranks, S replica slots per rank, C = E_loc + S slots per rank, P = W * C physical slots,
+R copies per expert at most, N routes sent by this rank, M rows received by this rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from .comm import all_to_all
+from .planner import ReplicaPlan, split_loads
+
+__all__ = ["Placement", "transport", "capacity_transport", "DispatchMeta", "dispatch", "combine"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One layer's physical slots (DESIGN.md layout), as NumPy arrays for the split arithmetic.
+
+    Attributes:
+        phy2log_P: logical expert of each physical slot (-1 empty).
+        log2phy_ER: slots of each expert in ascending slot order, -1 padded.
+        ep_size: W. experts_per_rank: E_loc. slots_per_rank: S.
+        version: plan version (0 = home placement).
+    """
+
+    phy2log_P: np.ndarray
+    log2phy_ER: np.ndarray
+    ep_size: int
+    experts_per_rank: int
+    slots_per_rank: int
+    version: int = 0
+
+    @property
+    def slots_per_rank_total(self) -> int:
+        return self.experts_per_rank + self.slots_per_rank
+
+    @property
+    def num_experts(self) -> int:
+        return self.ep_size * self.experts_per_rank
+
+    @property
+    def num_replicas(self) -> int:
+        return int((self.phy2log_P >= 0).sum()) - self.num_experts
+
+    @classmethod
+    def from_phy2log(cls, phy2log_P, ep_size: int, experts_per_rank: int, slots_per_rank: int,
+                     version: int = 0) -> "Placement":
+        phy = np.asarray(phy2log_P, dtype=np.int64).reshape(-1)
+        E = ep_size * experts_per_rank
+        order = np.argsort(np.where(phy >= 0, phy, E) * phy.size + np.arange(phy.size), kind="stable")
+        sorted_e = phy[order]
+        counts = np.bincount(sorted_e[sorted_e >= 0], minlength=E)
+        R = int(counts.max(initial=1))
+        log2phy = np.full((E, R), -1, dtype=np.int64)
+        start = np.cumsum(counts) - counts
+        valid = sorted_e >= 0
+        pos = np.arange(phy.size)[valid] - start[sorted_e[valid]]
+        log2phy[sorted_e[valid], pos] = order[valid]
+        phy.setflags(write=False)
+        log2phy.setflags(write=False)
+        return cls(phy, log2phy, ep_size, experts_per_rank, slots_per_rank, version)
+
+    @classmethod
+    def home(cls, num_experts: int, ep_size: int, slots_per_rank: int) -> "Placement":
+        e_loc = num_experts // ep_size
+        phy = np.full((ep_size, e_loc + slots_per_rank), -1, dtype=np.int64)
+        phy[:, :e_loc] = np.arange(num_experts).reshape(ep_size, e_loc)
+        return cls.from_phy2log(phy, ep_size, e_loc, slots_per_rank)
+
+    @classmethod
+    def from_plan(cls, plan: ReplicaPlan, layer: int = 0, version: int = 0) -> "Placement":
+        return cls.from_phy2log(plan.phy2log[layer].numpy(), plan.ep_size, plan.experts_per_rank,
+                                plan.slots_per_rank, version)
+
+
+def transport(counts_WE: np.ndarray, placement: Placement, prefer_local: bool = True) -> np.ndarray:
+    """Dropless split: how many routes each rank sends to each physical slot.
+
+    Each expert's total is shared among its copies to minimise the largest rank load
+    (``split_loads``, exact integers); then each source rank's routes are matched to copies:
+    first to a copy on the source rank itself (``prefer_local``), the rest in rank order to the
+    copies in slot order (north-west corner rule). Deterministic from the gathered counts.
+
+    Args:
+        counts_WE: int64 [W, E] routes per source rank and logical expert (same on all ranks).
+        placement: the active placement.
+        prefer_local: keep a rank's routes on its own copy where it has one.
+
+    Returns:
+        int64 [W, P] routes from each source rank to each physical slot.
+    """
+    W, E = counts_WE.shape
+    C = placement.slots_per_rank_total
+    phy = placement.phy2log_P
+    P = phy.size
+    quota_P = split_loads(counts_WE.sum(axis=0), phy, W, integral=True).numpy()[0]
+    rest_WE = counts_WE.astype(np.int64).copy()
+    send_WP = np.zeros((W, P), dtype=np.int64)
+    if prefer_local:
+        p = np.nonzero(phy >= 0)[0]
+        r, e = p // C, phy[p]
+        take = np.minimum(rest_WE[r, e], quota_P[p])
+        send_WP[r, p] = take
+        rest_WE[r, e] -= take
+        quota_P = quota_P.copy()
+        quota_P[p] -= take
+    copies_ER = placement.log2phy_ER
+    quota_ER = np.where(copies_ER >= 0, quota_P[np.maximum(copies_ER, 0)], 0)
+    dst_ER = np.concatenate([np.zeros((E, 1), dtype=np.int64), np.cumsum(quota_ER, axis=1)], axis=1)
+    src_WE = np.concatenate([np.zeros((1, E), dtype=np.int64), np.cumsum(rest_WE, axis=0)], axis=0)
+    # Overlap of source w's interval with copy c's interval, per expert: [W, E, R].
+    lo = np.maximum(src_WE[:-1, :, None], dst_ER[None, :, :-1])
+    hi = np.minimum(src_WE[1:, :, None], dst_ER[None, :, 1:])
+    amount = np.maximum(hi - lo, 0)
+    w, e, c = np.nonzero(amount)
+    np.add.at(send_WP, (w, copies_ER[e, c]), amount[w, e, c])
+    return send_WP
+
+
+def capacity_transport(counts_WE: np.ndarray, capacity_W: np.ndarray, placement: Placement,
+                       prefer_local: bool = True) -> np.ndarray:
+    """Capacity split: every physical slot takes at most ``capacity_W[w]`` routes from rank w.
+
+    DeepSpeed's capacity-factor semantics, per physical slot instead of per expert: an expert
+    with c copies accepts up to c * capacity routes from each rank, so a replicated hot expert
+    drops fewer tokens. A rank fills its local copy first, then the others in slot order.
+
+    Args:
+        counts_WE: int64 [W, E] routes per source rank and expert. capacity_W: int64 [W].
+
+    Returns:
+        int64 [W, P] routes kept from each source rank for each physical slot.
+    """
+    W, E = counts_WE.shape
+    C = placement.slots_per_rank_total
+    copies_ER = placement.log2phy_ER
+    R = copies_ER.shape[1]
+    valid_ER = copies_ER >= 0
+    # Order each rank's copies: its local copy first, then ascending slot.
+    local_WER = valid_ER[None] & ((copies_ER[None] // C) == np.arange(W)[:, None, None])
+    key = np.where(valid_ER[None], np.where(local_WER & prefer_local, -1, copies_ER[None]), np.iinfo(np.int64).max)
+    order = np.argsort(key, axis=2, kind="stable")
+    ordered_WER = np.take_along_axis(np.broadcast_to(copies_ER, (W, E, R)), order, axis=2)
+    filled = np.cumsum(np.broadcast_to(capacity_W[:, None, None], (W, E, R)) * (ordered_WER >= 0), axis=2)
+    before = filled - capacity_W[:, None, None] * (ordered_WER >= 0)
+    take = np.clip(counts_WE[:, :, None] - before, 0, capacity_W[:, None, None]) * (ordered_WER >= 0)
+    send_WP = np.zeros((W, placement.phy2log_P.size), dtype=np.int64)
+    w, e, c = np.nonzero(take)
+    send_WP[w, ordered_WER[w, e, c]] = take[w, e, c]
+    return send_WP
+
+
+@dataclass(frozen=True)
+class DispatchMeta:
+    """What ``combine`` needs to bring expert outputs back to token order.
+
+    Attributes:
+        order_N: index into the flattened [T * K] routes of each sent row, in send order.
+        send_W / recv_W: rows sent to / received from each rank.
+        group_M: receive-order index of each row in slot-grouped order.
+        slot_rows_C: rows per local physical slot (grouped order is slot by slot).
+        num_tokens, k: T and K of this rank.
+    """
+
+    order_N: torch.Tensor
+    send_W: List[int]
+    recv_W: List[int]
+    group_M: Optional[torch.Tensor]
+    slot_rows_C: List[int]
+    num_tokens: int
+    k: int
+
+
+def _route_slots(expert_TK: torch.Tensor, send_P: torch.Tensor, copies_ER: torch.Tensor) -> torch.Tensor:
+    """Physical slot of each route of this rank (-1 where not taken).
+
+    Routes to expert e, in route order, fill e's copies in ascending slot order, ``send_P[p]``
+    routes each. int64 [T * K].
+    """
+    flat = expert_TK.reshape(-1)
+    taken = flat >= 0
+    e = flat.clamp_min(0)
+    # Rank of each route among this rank's routes to its expert (stable by route order).
+    order = torch.argsort(torch.where(taken, e, copies_ER.shape[0]), stable=True)
+    counts = torch.bincount(e[taken], minlength=copies_ER.shape[0])
+    start = torch.cumsum(counts, 0) - counts
+    idx = torch.empty_like(flat)
+    idx[order] = torch.arange(flat.numel(), device=flat.device)
+    idx = idx - start[e]
+    sizes_ER = torch.where(copies_ER >= 0, send_P[copies_ER.clamp_min(0)], torch.zeros_like(copies_ER))
+    bound_ER = torch.cumsum(sizes_ER, dim=1)
+    copy = (idx.unsqueeze(1) >= bound_ER[e]).sum(dim=1)
+    slot = copies_ER[e, copy.clamp_max(copies_ER.shape[1] - 1)]
+    return torch.where(taken, slot, torch.full_like(slot, -1))
+
+
+def dispatch(x_TH: torch.Tensor, expert_TK: torch.Tensor, send_WP: np.ndarray, placement: Placement,
+             rank: int, group):
+    """Send every taken route's row to the physical slot the split gave it.
+
+    Args:
+        x_TH: [T, H] this rank's tokens. expert_TK: int64 [T, K] routes (-1 = not taken); must
+            agree with ``send_WP[rank]`` (routes per expert = sum over its copies).
+        send_WP: int64 [W, P] from ``transport`` or ``capacity_transport``.
+        placement: the active placement. rank: this rank in ``group``.
+
+    Returns:
+        (rows_MH grouped by local slot, DispatchMeta).
+    """
+    W = placement.ep_size
+    C = placement.slots_per_rank_total
+    T, K = expert_TK.shape
+    device = x_TH.device
+    send_P = torch.from_numpy(send_WP[rank]).to(device)
+    copies_ER = torch.from_numpy(placement.log2phy_ER).to(device)
+    slot_N = _route_slots(expert_TK, send_P, copies_ER)
+    taken = slot_N >= 0
+    # NOTE: stable sort by slot groups rows by destination rank (slots are rank-major) and keeps
+    # route order within a slot, which is what the receiver's counts assume.
+    order = torch.argsort(torch.where(taken, slot_N, placement.phy2log_P.size), stable=True)
+    order_N = order[: int(taken.sum())]
+    x_send = x_TH.index_select(0, torch.div(order_N, K, rounding_mode="floor"))
+    send_W = send_WP.reshape(-1, W, C).sum(axis=2)[rank].tolist()
+    mine_WC = send_WP[:, rank * C:(rank + 1) * C]
+    recv_W = mine_WC.sum(axis=1).tolist()
+    x_recv = all_to_all(x_send, send_W, recv_W, group)
+    group_M = None
+    if W > 1:
+        # Received rows are ordered (source, slot); experts want them (slot, source).
+        start_WC = (np.cumsum(mine_WC.reshape(-1)) - mine_WC.reshape(-1)).reshape(W, C)
+        rows = [np.arange(start_WC[w, c], start_WC[w, c] + mine_WC[w, c]) for c in range(C) for w in range(W)]
+        group_M = torch.from_numpy(np.concatenate(rows) if rows else np.zeros(0, np.int64)).to(device)
+        x_recv = x_recv.index_select(0, group_M)
+    meta = DispatchMeta(order_N, send_W, recv_W, group_M, mine_WC.sum(axis=0).tolist(), T, K)
+    return x_recv, meta
+
+
+def combine(y_MH: torch.Tensor, weight_TK: torch.Tensor, meta: DispatchMeta, group, failed: bool = False):
+    """Reverse of ``dispatch``: expert outputs back to their tokens, gate-weighted, summed over k.
+
+    The exchange carries one status row per rank pair, so a rank whose experts failed still
+    completes the collective and every rank learns of it (no rank is left waiting).
+
+    Args:
+        y_MH: [M, H] expert outputs in the grouped order ``dispatch`` returned.
+        weight_TK: fp32 [T, K] combine weights (any value where a route was not taken).
+        failed: this rank's expert step failed (``y_MH`` then holds placeholders).
+
+    Returns:
+        ([T, H] in ``y_MH``'s dtype, ranks that reported failure). The weighting and the sum
+        over k run in fp32, as DeepSpeed's.
+    """
+    H = y_MH.shape[1]
+    W = len(meta.send_W)
+    failed_ranks = [0] if failed else []
+    if W > 1:
+        back = torch.empty_like(y_MH)
+        back[meta.group_M] = y_MH
+        status = y_MH.new_full((1, H), 1.0 if failed else 0.0)
+        chunks = torch.split(back, meta.recv_W)
+        y_back = all_to_all(torch.cat([t for c in chunks for t in (status, c)]),
+                            [n + 1 for n in meta.recv_W], [n + 1 for n in meta.send_W], group)
+        heads = torch.from_numpy(np.cumsum([0] + [n + 1 for n in meta.send_W[:-1]])).to(y_back.device)
+        failed_ranks = torch.nonzero(y_back[heads, 0] != 0).flatten().tolist()
+        keep = torch.ones(y_back.shape[0], dtype=torch.bool, device=y_back.device)
+        keep[heads] = False
+        y_N = y_back[keep]
+    else:
+        y_N = y_MH
+    routed = y_N.new_zeros(meta.num_tokens * meta.k, H)
+    routed[meta.order_N] = y_N
+    out = (routed.view(meta.num_tokens, meta.k, H) * weight_TK.unsqueeze(-1)).sum(dim=1)
+    return out.to(y_MH.dtype), failed_ranks

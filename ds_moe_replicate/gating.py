@@ -1,0 +1,122 @@
+"""Gate step: the parent's ``TopKGate`` weights in, top-k expert ids and combine weights out.
+
+Routing is the model's own: the same logits, the same choice and the same weights as DeepSpeed's
+``top1gating`` / ``top2gating`` / ``topkgating`` (0.19.x) in dropless mode, kept per route
+(token, j) instead of DeepSpeed's padded [E, C] layout so that a route can be sent to any copy of
+its expert. The auxiliary loss and ``exp_counts`` are DeepSpeed's too.
+
+Legend: T tokens on this rank, H hidden size, E logical experts, K routes per token (top-k).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from deepspeed.moe.sharded_moe import TopKGate, gumbel_rsample
+
+__all__ = ["Routes", "route", "drop_over_capacity"]
+
+
+@dataclass(frozen=True)
+class Routes:
+    """Each token's K routes.
+
+    Attributes:
+        expert_TK: int64 logical expert of each route; -1 where the route is not taken (k = 1 with
+            ``used_token`` = 0, or dropped over capacity).
+        weight_TK: fp32 combine weight of each route (0 where not taken).
+        l_aux: DeepSpeed's load-balancing loss (scalar).
+        exp_counts_E: DeepSpeed's ``exp_counts`` (routes chosen per expert, before capacity).
+    """
+
+    expert_TK: torch.Tensor
+    weight_TK: torch.Tensor
+    l_aux: torch.Tensor
+    exp_counts_E: torch.Tensor
+
+
+def _logits(gate: TopKGate, x_TH: torch.Tensor) -> torch.Tensor:
+    # NOTE: fp32 like DeepSpeed; the Jitter policy applies in training only, where the stock
+    # path runs, so eval logits are deterministic.
+    return F.linear(x_TH.float(), weight=gate.wg.weight.float(), bias=None)
+
+
+def route(gate: TopKGate, x_TH: torch.Tensor, used_token_T: Optional[torch.Tensor] = None) -> Routes:
+    """DeepSpeed's gating decision for every token, without capacity.
+
+    Args:
+        gate: the layer's ``TopKGate`` (its ``wg``, ``k`` and ``top2_2nd_expert_sampling``).
+        x_TH: [T, H] tokens of this rank (T may be 0).
+        used_token_T: optional [T] mask; as in DeepSpeed it only applies to k = 1.
+
+    Returns:
+        ``Routes`` with K = gate.k routes per token.
+    """
+    logits_TE = _logits(gate, x_TH)
+    gates_TE = F.softmax(logits_TE, dim=1)
+    T, E = gates_TE.shape
+    k = gate.k
+    me_E = gates_TE.mean(dim=0) if T else gates_TE.new_zeros(E)
+    if k == 1:
+        idx_T = torch.argmax(gates_TE, dim=1)
+        mask_TE = F.one_hot(idx_T, num_classes=E)
+        if used_token_T is not None:
+            mask_TE = torch.einsum("s,se->se", used_token_T, mask_TE)
+        exp_counts = mask_TE.sum(dim=0).detach()
+        ce_E = mask_TE.float().mean(dim=0) if T else me_E
+        l_aux = torch.sum(me_E * ce_E) * E
+        taken_T = mask_TE.sum(dim=1) > 0
+        weight_T = (gates_TE * mask_TE).sum(dim=1)
+        expert_TK = torch.where(taken_T, idx_T, torch.full_like(idx_T, -1)).unsqueeze(1)
+        return Routes(expert_TK, weight_T.unsqueeze(1), l_aux, exp_counts)
+    if k == 2:
+        idx1_T = torch.argmax(gates_TE, dim=1)
+        mask1_TE = F.one_hot(idx1_T, num_classes=E)
+        if gate.top2_2nd_expert_sampling:
+            logits_TE = logits_TE + gumbel_rsample(logits_TE.shape, device=logits_TE.device)
+        idx2_T = torch.argmax(logits_TE.masked_fill(mask1_TE.bool(), float("-inf")), dim=1)
+        mask2_TE = F.one_hot(idx2_T, num_classes=E)
+        ce_E = mask1_TE.float().mean(dim=0) if T else me_E
+        l_aux = torch.mean(me_E * ce_E) * E * E
+        exp_counts = (mask1_TE + mask2_TE).sum(dim=0).detach()
+        expert_TK = torch.stack([idx1_T, idx2_T], dim=1)
+        return Routes(expert_TK, gates_TE.gather(1, expert_TK), l_aux, exp_counts)
+    top_gate_TK, top_idx_TK = torch.topk(gates_TE, k=k, dim=1)
+    mask_TE = torch.zeros_like(gates_TE, dtype=torch.bool).scatter_(1, top_idx_TK, True)
+    exp_counts = mask_TE.sum(dim=0).detach()
+    ce_E = mask_TE.float().mean(dim=0) if T else me_E
+    l_aux = torch.mean(me_E * ce_E) * E * E / k
+    return Routes(top_idx_TK, top_gate_TK, l_aux, exp_counts)
+
+
+def normalized_weight_TK(routes: Routes, k: int) -> torch.Tensor:
+    """Combine weights as DeepSpeed applies them: raw gate for k = 1, renormalised over the
+    taken routes of each token for k >= 2 (clamped at fp32 eps, as DeepSpeed does)."""
+    if k == 1:
+        return routes.weight_TK
+    w = torch.where(routes.expert_TK >= 0, routes.weight_TK, torch.zeros_like(routes.weight_TK))
+    denom_T = torch.clamp(w.sum(dim=1, keepdim=True), min=torch.finfo(w.dtype).eps)
+    return w / denom_T
+
+
+def drop_over_capacity(expert_TK: torch.Tensor, keep_E: torch.Tensor) -> torch.Tensor:
+    """Mark routes beyond each expert's kept count as not taken (-1), in route order.
+
+    Position policy: the first ``keep_E[e]`` routes to expert e (token order, then k) are kept.
+
+    Args:
+        expert_TK: int64 routes (-1 = not taken). keep_E: int64 routes to keep per expert.
+
+    Returns:
+        expert_TK with the overflow set to -1.
+    """
+    flat = expert_TK.reshape(-1)
+    taken = flat >= 0
+    e = flat.clamp_min(0)
+    onehot = F.one_hot(e, num_classes=keep_E.numel()) * taken.unsqueeze(1)
+    position = (onehot.cumsum(dim=0) * onehot).sum(dim=1) - 1
+    keep = taken & (position < keep_E[e])
+    return torch.where(keep, flat, torch.full_like(flat, -1)).view_as(expert_TK)

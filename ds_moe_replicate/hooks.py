@@ -1,0 +1,77 @@
+"""Per-step statistics of a replicated layer, and the observers that receive them.
+
+The layer builds one ``StepStats`` record per replicated forward and hands it to every
+registered observer; there are no timers or prints in ``forward``. The only measured time is
+the wait for replica weights, taken where the wait happens (``replicas.py``).
+
+Legend: E logical experts, W expert-parallel ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+import torch
+
+__all__ = ["StepStats", "StatsHooks", "RemovableHandle"]
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one replicated forward did.
+
+    Attributes:
+        step: forward steps of this layer in replicated mode so far (0-based).
+        plan_version: version of the placement used (0 = DeepSpeed's home placement).
+        counts_E: int64 [E] routes per logical expert, summed over the expert-parallel group.
+        rank_tokens_W: int64 [W] routes each rank actually computed.
+        balancedness: mean / max of ``rank_tokens_W`` (1.0 when nothing was computed).
+        dropped_tokens: routes dropped over capacity, whole group (0 when dropless).
+        num_replicas: replica slots in use by the active placement.
+        replanned: a new plan was made (and its prefetch started) at this step.
+        activated: a new plan became active at the start of this step.
+        bytes_moved: replica weight bytes whose transfer started at this step, whole group.
+        bytes_received: of those, the bytes this rank receives.
+        exposed_wait_ms: time this step waited for replica weights before it could start.
+    """
+
+    step: int
+    plan_version: int
+    counts_E: torch.Tensor
+    rank_tokens_W: torch.Tensor
+    balancedness: float
+    dropped_tokens: int
+    num_replicas: int
+    replanned: bool
+    activated: bool
+    bytes_moved: int
+    bytes_received: int
+    exposed_wait_ms: float
+
+
+class RemovableHandle:
+    def __init__(self, registry: Dict[int, Callable], key: int) -> None:
+        self._registry, self._key = registry, key
+
+    def remove(self) -> None:
+        self._registry.pop(self._key, None)
+
+
+class StatsHooks:
+    """Observers of ``StepStats``: ``handle = hooks.register(fn)``; ``handle.remove()``."""
+
+    def __init__(self) -> None:
+        self._fns: Dict[int, Callable[[StepStats], None]] = {}
+        self._next = 0
+
+    def register(self, fn: Callable[[StepStats], None]) -> RemovableHandle:
+        if not callable(fn):
+            raise TypeError(f"a stats hook must be callable, got {type(fn).__name__}")
+        self._next += 1
+        self._fns[self._next] = fn
+        return RemovableHandle(self._fns, self._next)
+
+    def __call__(self, stats: StepStats) -> None:
+        for fn in list(self._fns.values()):
+            fn(stats)
