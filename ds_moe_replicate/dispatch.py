@@ -228,7 +228,7 @@ def dispatch(x_TH: torch.Tensor, expert_TK: torch.Tensor, send_WP: np.ndarray, p
     T, K = expert_TK.shape
     device = x_TH.device
     send_P = torch.from_numpy(send_WP[rank]).to(device)
-    copies_ER = torch.from_numpy(placement.log2phy_ER).to(device)
+    copies_ER = torch.from_numpy(placement.log2phy_ER.copy()).to(device)
     slot_N = _route_slots(expert_TK, send_P, copies_ER)
     taken = slot_N >= 0
     # NOTE: stable sort by slot groups rows by destination rank (slots are rank-major) and keeps

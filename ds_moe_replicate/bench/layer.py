@@ -1,0 +1,123 @@
+"""Layer benchmark: stock DeepSpeed MoE (dropless) vs ReplicatedMoE, side by side, same batches.
+
+Run under the ``deepspeed`` launcher (``launch/bench_layer.py``). For each workload both layers
+see identical batches; after warm-up (so the first plan has landed) they run alternately, each
+forward timed after a barrier as the slowest rank's time, and the medians are compared. Every
+pair of outputs is compared too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+from .common import build_pair, device_for_rank, init_distributed, median, rank_balance, share_for_hottest, steer, \
+    timed
+
+WORKLOADS = {"uniform": None, "hot43": 0.43, "hot76": 0.76}
+
+
+def bench_layer(hidden: int, ffn: int, num_experts: int, tokens: int, k: int, workloads: List[str], warmup: int,
+                repeats: int, replication: Dict, hot_expert: int = 0, progress: bool = True) -> List[Dict]:
+    """Returns one row per workload: medians, speed-up, balancedness, drops and output difference."""
+    W = dist.get_world_size()
+    rank = dist.get_rank()
+    device = device_for_rank()
+    stock, rep = build_pair(hidden, ffn, num_experts, W, k, replication=replication, expert_std=0.02, device=device)
+    gate_w = stock.deepspeed_moe.gate.wg.weight.detach().cpu()
+    rows = []
+    for name in workloads:
+        target = WORKLOADS[name]
+        share = 0.0 if target is None else share_for_hottest(target, num_experts)
+        batches = [steer(tokens, hidden, gate_w, hot_expert, share, seed=rank * 7919 + i).to(device)
+                   for i in range(warmup + repeats)]
+        times = {"stock": [], "ours": []}
+        diff, stock_bal, ours_bal, waits, counts = 0.0, [], [], [], None
+        with torch.no_grad():
+            for i, x in enumerate(batches):
+                order = ("stock", "ours") if i % 2 == 0 else ("ours", "stock")
+                out = {}
+                for mode in order:
+                    layer = stock if mode == "stock" else rep
+                    (y, _, c), ms = timed(lambda: layer(x))
+                    out[mode] = y
+                    if i >= warmup:
+                        times[mode].append(ms)
+                s = rep.last_stats
+                diff = max(diff, float((out["stock"] - out["ours"]).abs().max()))
+                if i >= warmup:
+                    stock_bal.append(rank_balance(s.counts_E, W))
+                    ours_bal.append(s.balancedness)
+                    waits.append(s.exposed_wait_ms)
+                counts = s.counts_E
+        t = torch.tensor([diff], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        row = dict(workload=name, hottest_share=float(counts.max() / counts.sum()),
+                   stock_ms=median(times["stock"]), ours_ms=median(times["ours"]),
+                   speedup=median(times["stock"]) / median(times["ours"]),
+                   stock_balancedness=median(stock_bal), ours_balancedness=median(ours_bal),
+                   exposed_wait_ms=median(waits), max_abs_diff=float(t), stock_ms_all=times["stock"],
+                   ours_ms_all=times["ours"])
+        rows.append(row)
+        if progress and rank == 0:
+            print(f"[bench] {name}: stock {row['stock_ms']:.1f} ms, ours {row['ours_ms']:.1f} ms "
+                  f"({row['speedup']:.2f}x)", flush=True)
+    return rows
+
+
+def table(rows: List[Dict]) -> str:
+    lines = ["| workload | hottest expert share | stock ms | ours ms | speed-up | stock balancedness | "
+             "ours balancedness | max abs diff |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['workload']} | {r['hottest_share']:.0%} | {r['stock_ms']:.1f} | {r['ours_ms']:.1f} | "
+                     f"{r['speedup']:.2f}x | {r['stock_balancedness']:.2f} | {r['ours_balancedness']:.2f} | "
+                     f"{r['max_abs_diff']:.1e} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON; its moe_replication section is used")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--ffn", type=int, default=2048)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens per rank per forward")
+    ap.add_argument("-k", type=int, default=1)
+    ap.add_argument("--workloads", default="uniform,hot43,hot76")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--json", default=None, help="write the rows here (rank 0)")
+    args = ap.parse_args(argv)
+
+    from ..config import ReplicationConfig
+
+    init_distributed()
+    cfg = ReplicationConfig.from_ds_config(args.deepspeed_config) if args.deepspeed_config else \
+        ReplicationConfig(enabled=True, slots_per_rank=1, replan_interval=1)
+    if not cfg.enabled:
+        raise SystemExit("moe_replication.enabled is false in the config: nothing to compare")
+    workloads = [w for w in args.workloads.split(",") if w]
+    bad = [w for w in workloads if w not in WORKLOADS]
+    if bad:
+        raise SystemExit(f"--workloads: unknown {bad}; choose from {sorted(WORKLOADS)}")
+    rows = bench_layer(args.hidden, args.ffn, args.experts, args.tokens, args.k, workloads, args.warmup,
+                       args.repeats, cfg.model_dump())
+    if dist.get_rank() == 0:
+        print(f"\nReplicatedMoE vs stock deepspeed.moe.layer.MoE (dropless), EP={dist.get_world_size()}, "
+              f"E={args.experts}, H={args.hidden}, F={args.ffn}, {args.tokens} tokens/rank, k={args.k}, "
+              f"{args.repeats} timed forwards each after {args.warmup} warm-up, "
+              f"device={device_for_rank().type}, replication={cfg.model_dump()}")
+        print(table(rows))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(rows, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

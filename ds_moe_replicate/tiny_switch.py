@@ -1,0 +1,105 @@
+"""A small Switch-style model, built in (random weights, no download), for the main job and tests.
+
+Token embeddings, then pre-LayerNorm residual blocks whose feed-forward is a dense FFN in even
+blocks and a Mixture-of-Experts layer in odd ones (Switch Transformers put an MoE layer every
+other block), then a final LayerNorm and a tied output head. Attention is left out: it does not
+touch expert dispatch, which is what this model exercises, and it would dominate CPU time.
+
+Skew is planted, not faked: a "topic" direction is added to the embeddings of a block of topic
+tokens and to the gate row of one hot expert per MoE layer, so batches rich in topic tokens send
+most of their tokens to those experts through the model's own gates.
+
+Legend: B batch, S sequence, T = B * S tokens, H hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List
+
+import torch
+from torch import nn
+
+from .bench.common import expert_mlp
+
+__all__ = ["TinySwitchConfig", "TinySwitch", "topic_tokens"]
+
+
+@dataclass(frozen=True)
+class TinySwitchConfig:
+    vocab: int = 1024
+    hidden: int = 256
+    ffn: int = 1024
+    blocks: int = 4
+    num_experts: int = 8
+    k: int = 1
+    topic_tokens: int = 64
+    topic_strength: float = 4.0
+    seed: int = 0
+
+
+class _Block(nn.Module):
+    def __init__(self, hidden: int, ffn: nn.Module, is_moe: bool) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.ffn = ffn
+        self.is_moe = is_moe
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        y = self.ffn(self.norm(h))
+        return h + (y[0] if self.is_moe else y)
+
+
+class TinySwitch(nn.Module):
+    """``moe_factory(hidden, expert, num_experts, k)`` builds each MoE layer (stock or replicated)."""
+
+    def __init__(self, cfg: TinySwitchConfig, moe_factory: Callable[..., nn.Module]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.embed = nn.Embedding(cfg.vocab, cfg.hidden)
+        blocks: List[nn.Module] = []
+        for i in range(cfg.blocks):
+            if i % 2:
+                blocks.append(_Block(cfg.hidden, moe_factory(cfg.hidden, expert_mlp(cfg.hidden, cfg.ffn),
+                                                             cfg.num_experts, cfg.k), True))
+            else:
+                blocks.append(_Block(cfg.hidden, expert_mlp(cfg.hidden, cfg.ffn), False))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.LayerNorm(cfg.hidden)
+        self.topic = torch.randn(cfg.hidden, generator=g)
+        self.topic /= self.topic.norm()
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        with torch.no_grad():
+            self.embed.weight[: cfg.topic_tokens] += cfg.topic_strength * self.topic
+            for j, block in enumerate(self.moe_blocks()):
+                wg = block.ffn.deepspeed_moe.gate.wg.weight
+                hot = j % cfg.num_experts
+                wg[hot] += cfg.topic_strength * wg.norm(dim=1).mean() * self.topic
+                # Each rank holds different experts: their weights must differ across ranks
+                # (everything else is the same on every rank, as in data parallelism).
+                eg = torch.Generator().manual_seed(cfg.seed + 1000 * (rank + 1) + j)
+                for p in block.ffn.deepspeed_moe.experts.parameters():
+                    p.copy_(torch.randn(p.shape, generator=eg) / p.shape[-1] ** 0.5)
+
+    def moe_blocks(self) -> List[_Block]:
+        return [b for b in self.blocks if b.is_moe]
+
+    def moe_layers(self) -> List[nn.Module]:
+        return [b.ffn for b in self.moe_blocks()]
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens_BS)
+        for block in self.blocks:
+            h = block(h)
+        # Tied output head, rescaled by H^-0.5 as T5 / Switch do with tied embeddings.
+        return (self.norm(h) @ self.embed.weight.t()) * self.cfg.hidden ** -0.5
+
+
+def topic_tokens(cfg: TinySwitchConfig, batch: int, seq: int, topic_share: float, seed: int) -> torch.Tensor:
+    """[B, S] token ids, a fraction ``topic_share`` drawn from the topic block, the rest uniform."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(cfg.topic_tokens, cfg.vocab, (batch, seq), generator=g)
+    topic = torch.rand(batch, seq, generator=g) < topic_share
+    return torch.where(topic, torch.randint(0, cfg.topic_tokens, (batch, seq), generator=g), tokens)
