@@ -236,3 +236,36 @@ def used_token_and_residual(rank):
             b, lb, cb = rep(x, used)
         diffs.append(((a - b).abs().max().item(), (la - lb).abs().item(), bool(torch.equal(ca, cb))))
     return diffs
+
+
+def encoded_replicas(rank, steps=8):
+    """Expert weights encode (expert, tensor); after every step each resident replica must hold
+    exactly the encoding of the expert its slot is planned for."""
+    W = dist.get_world_size()
+    E = 2 * W
+    _, rep = build_pair(num_experts=E, ep_size=W, k=1,
+                        replication={"enabled": True, "slots_per_rank": 2, "replan_interval": 1})
+    e_loc = E // W
+    with torch.no_grad():
+        for j, ex in enumerate(rep.deepspeed_moe.experts.deepspeed_experts):
+            for t, p in enumerate(ex.parameters()):
+                p.fill_(0.001 * (100 * (rank * e_loc + j) + t))
+    checks, moves = 0, 0
+    for step in range(steps):
+        x = skewed(48, 16, gate_weight(rep), (step * 3) % E, 0.7, seed=rank * 11 + step)
+        with torch.no_grad():
+            rep(x)
+        moves += rep.last_stats.bytes_received
+        ctl = rep.deepspeed_moe.controller
+        pl = ctl.placement
+        C = pl.slots_per_rank_total
+        for s in range(ctl.store.num_slots):
+            e = int(pl.phy2log_P[rank * C + e_loc + s])
+            if e < 0:
+                continue
+            for t, name in enumerate(ctl.store.names):
+                want = 0.001 * (100 * e + t)
+                got = ctl.store.params(s)[name]
+                assert torch.all(got == torch.tensor(want, dtype=got.dtype)), (step, s, e, name)
+                checks += 1
+    return checks, moves

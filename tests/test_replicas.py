@@ -1,0 +1,54 @@
+"""Replica slots: transfer lists, weight views, and real moves between ranks with encoded weights."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import moe_workers as mw
+from ds_moe_replicate.dispatch import Placement
+from ds_moe_replicate.replicas import ReplicaStore, Transfer, plan_transfers
+from ds_moe_replicate.testing import run_ranks
+
+
+def test_plan_transfers_lists_changed_slots_in_slot_order():
+    old = Placement.from_phy2log([0, 1, 3, 2, 3, -1], 2, 2, 1)
+    new = Placement.from_phy2log([0, 1, 2, 2, 3, 0], 2, 2, 1)
+    assert plan_transfers(old, new) == [Transfer(expert=2, src=1, dst=0, slot=0),
+                                        Transfer(expert=0, src=0, dst=1, slot=0)]
+    assert plan_transfers(new, new) == []
+    # Emptying a slot moves nothing.
+    assert plan_transfers(new, Placement.home(4, 2, 1)) == []
+
+
+def test_store_views_and_functional_run():
+    torch.manual_seed(0)
+    expert = mw.expert(8, 12)
+    store = ReplicaStore(expert, 2)
+    store.ensure(next(expert.parameters()))
+    store.active[1].copy_(ReplicaStore.flatten(expert))
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(store.run(1, x), expert(x))
+    # Views share memory with the flat slot row.
+    store.params(0)["0.weight"].fill_(3.0)
+    assert store.active[0, : 8 * 12].eq(3.0).all()
+    assert store.bytes_per_replica == sum(p.numel() for p in expert.parameters()) * 4
+
+
+def test_store_follows_dtype_and_refuses_what_it_cannot_copy():
+    expert = mw.expert(4, 4)
+    store = ReplicaStore(expert, 1)
+    store.ensure(torch.zeros(1, dtype=torch.float16))
+    assert store.active.dtype == torch.float16 and store.params(0)["2.bias"].dtype == torch.float16
+    with pytest.raises(NotImplementedError, match="buffers"):
+        ReplicaStore(nn.BatchNorm1d(4), 1)
+    mixed = mw.expert(4, 4)
+    mixed[0].half()
+    with pytest.raises(NotImplementedError, match="one parameter dtype"):
+        ReplicaStore(mixed, 1)
+
+
+def test_replica_weights_always_match_their_slot_across_moves():
+    results = run_ranks(mw.encoded_replicas, 4)
+    assert all(checks > 0 for checks, _ in results)
+    assert sum(moves for _, moves in results) > 0
