@@ -2,12 +2,13 @@
 
 from .config import ReplicationConfig, ReplicationConfigError
 from .planner import ReplicaPlan, balancedness, max_rank_load_lower_bound, plan_replicas, split_loads
-from .layer import ReplicatedMoE
+from .layer import ReplicatedMoE, configure_replication
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ReplicatedMoE",
+    "configure_replication",
     "ReplicationConfig",
     "ReplicationConfigError",
     "ReplicaPlan",

@@ -8,48 +8,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ds_moe_replicate import ReplicatedMoE
+from ds_moe_replicate.bench.common import build_pair, expert_mlp as expert, steer as skewed
 from ds_moe_replicate.comm import ReplicationError
 
-
-def expert(hidden: int, ffn: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(hidden, ffn), nn.GELU(), nn.Linear(ffn, hidden))
-
-
-def build_pair(hidden=16, ffn=32, num_experts=4, ep_size=2, k=1, replication=None, seed=0, **moe_kwargs):
-    """A stock MoE (dropless unless overridden) and a ReplicatedMoE with the same weights, in eval mode."""
-    from deepspeed.moe.layer import MoE
-
-    kwargs = dict(num_experts=num_experts, ep_size=ep_size, k=k, drop_tokens=False, use_rts=False,
-                  top2_2nd_expert_sampling=False)
-    kwargs.update(moe_kwargs)
-    torch.manual_seed(seed)
-    stock = MoE(hidden, expert(hidden, ffn), **kwargs)
-    rep = ReplicatedMoE(hidden, expert(hidden, ffn), **kwargs, replication=replication)
-    # Distinct expert weights on every rank; the gate is the same everywhere (data parallel).
-    torch.manual_seed(seed + 1000 * (dist.get_rank() + 1))
-    for p in stock.deepspeed_moe.experts.parameters():
-        nn.init.normal_(p, std=0.5)
-    torch.manual_seed(seed + 7)
-    nn.init.normal_(stock.deepspeed_moe.gate.wg.weight, std=1.0)
-    if stock.use_residual:
-        for p in list(stock.mlp.parameters()) + list(stock.coefficient.parameters()):
-            nn.init.normal_(p, std=0.5)
-    result = rep.load_state_dict(stock.state_dict(), strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
-    stock.set_deepspeed_parallelism()
-    rep.set_deepspeed_parallelism()
-    return stock.eval(), rep.eval()
-
-
-def skewed(tokens: int, hidden: int, gate_weight: torch.Tensor, hot: int, share: float, seed: int) -> torch.Tensor:
-    """[tokens, hidden] where about ``share`` of the tokens route to expert ``hot``."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, hidden, generator=g)
-    n_hot = int(round(share * tokens))
-    direction = gate_weight[hot] / gate_weight[hot].norm()
-    x[:n_hot] += 6.0 * direction
-    return x[torch.randperm(tokens, generator=g)]
+__all__ = ["build_pair", "expert", "skewed"]
 
 
 def gate_weight(layer) -> torch.Tensor:
@@ -269,3 +231,25 @@ def encoded_replicas(rank, steps=8):
                 assert torch.all(got == torch.tensor(want, dtype=got.dtype)), (step, s, e, name)
                 checks += 1
     return checks, moves
+
+
+def deepspeed_initialize_toggle(rank):
+    """The JSON section read from engine.config turns replication on and off, no code change."""
+    import deepspeed
+
+    from ds_moe_replicate import configure_replication
+
+    results = []
+    for enabled in (False, True):
+        _, rep = build_pair(num_experts=4, ep_size=dist.get_world_size(), k=1, set_groups=False)
+        model = nn.Sequential(nn.Linear(16, 16), rep)
+        ds_config = {"train_micro_batch_size_per_gpu": 1,
+                     "moe_replication": {"enabled": enabled, "slots_per_rank": 1, "replan_interval": 1}}
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        engine.eval()
+        configure_replication(engine)
+        with torch.no_grad():
+            x = torch.randn(10, 16)
+            engine.module[1](engine.module[0](x))
+        results.append((engine.config["moe_replication"]["enabled"], rep.last_stats is not None))
+    return results

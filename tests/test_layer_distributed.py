@@ -73,3 +73,8 @@ def test_used_token_and_residual_match_stock():
     for per_step in run_ranks(mw.used_token_and_residual, 2):
         for diff, l_aux_diff, counts_equal in per_step:
             assert diff <= TOL and l_aux_diff <= 1e-6 and counts_equal
+
+
+def test_json_toggle_through_deepspeed_initialize():
+    for results in run_ranks(mw.deepspeed_initialize_toggle, 2):
+        assert results == [(False, False), (True, True)]

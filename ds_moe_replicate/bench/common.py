@@ -26,9 +26,11 @@ def expert_mlp(hidden: int, ffn: int) -> nn.Module:
 
 def build_pair(hidden: int = 16, ffn: int = 32, num_experts: int = 4, ep_size: int = 2, k: int = 1,
                replication: Optional[Mapping[str, Any]] = None, seed: int = 0, expert_std: float = 0.5,
-               device: Optional[torch.device] = None, **moe_kwargs) -> Tuple[nn.Module, ReplicatedMoE]:
+               device: Optional[torch.device] = None, set_groups: bool = True,
+               **moe_kwargs) -> Tuple[nn.Module, ReplicatedMoE]:
     """A stock ``deepspeed.moe.layer.MoE`` (dropless unless overridden) and a ``ReplicatedMoE``
-    holding the same weights, both in eval mode with their expert-parallel groups set.
+    holding the same weights, both in eval mode with their expert-parallel groups set (unless
+    ``set_groups`` is False: ``deepspeed.initialize`` sets them).
 
     Experts differ on every rank (each holds its own); the gate is the same everywhere.
     """
@@ -51,8 +53,9 @@ def build_pair(hidden: int = 16, ffn: int = 32, num_experts: int = 4, ep_size: i
             nn.init.normal_(p, std=expert_std)
     result = rep.load_state_dict(stock.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    stock.set_deepspeed_parallelism()
-    rep.set_deepspeed_parallelism()
+    if set_groups:
+        stock.set_deepspeed_parallelism()
+        rep.set_deepspeed_parallelism()
     if device is not None:
         stock.to(device)
         rep.to(device)
