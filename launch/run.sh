@@ -19,12 +19,12 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
-  echo "[setup] installing ds_moe_replicate and its test tools into $venv (first run takes a minute)" >&2
+  echo "[setup] installing ds_moe_replicate with all extras into $venv (first run takes a few minutes)" >&2
   "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
   if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     "$venv/bin/python" -m pip install -q "torch==2.13.0"
   fi
-  "$venv/bin/python" -m pip install -q -e "$root[test,bench]"
+  "$venv/bin/python" -m pip install -q -e "$root[all]"
   echo "$want" > "$stamp"
 fi
 
