@@ -11,13 +11,16 @@ Legend: W expert-parallel ranks, E logical experts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["ReplicationError", "expert_parallel_group", "group_size", "group_rank", "global_rank",
-           "gather_counts", "all_to_all"]
+           "Gathered", "gather_step", "all_to_all"]
 
 _STATUS_OK, _STATUS_FAILED = 0, 1
 
@@ -52,25 +55,45 @@ def global_rank(group, rank_in_group: int) -> int:
     return rank_in_group if group is None else dist.get_global_rank(group, rank_in_group)
 
 
-def gather_counts(counts_E: torch.Tensor, tokens: int, error: Optional[BaseException], group):
-    """All-gather every rank's routes per expert, its token count and its status.
+@dataclass(frozen=True)
+class Gathered:
+    """What every rank learns from a step's all-gather (identical on every rank).
+
+    Attributes:
+        counts_WE: int64 [W, E] routes per rank and expert of this layer.
+        tokens_W: int64 [W] tokens per rank.
+        landed_W: bool [W] each rank's replica transfers in flight have all finished.
+        lookahead_WE: int64 [W, E'] predicted routes for the next layer, or None.
+    """
+
+    counts_WE: np.ndarray
+    tokens_W: np.ndarray
+    landed_W: np.ndarray
+    lookahead_WE: Optional[np.ndarray]
+
+
+def gather_step(counts_E: torch.Tensor, tokens: int, error: Optional[BaseException], group, landed: bool = True,
+                lookahead_E: Optional[torch.Tensor] = None) -> Gathered:
+    """All-gather every rank's routes per expert, token count, landing flag, status and lookahead.
 
     Args:
         counts_E: int64 [E] routes per logical expert on this rank (zeros if ``error``).
         tokens: tokens on this rank.
         error: an exception this rank hit before the collective, or None.
         group: the expert-parallel group (None or size 1: no communication).
-
-    Returns:
-        (counts_WE int64 [W, E] on CPU, tokens_W int64 [W] on CPU).
+        landed: this rank has no replica transfer still in flight.
+        lookahead_E: int64 [E'] predicted routes of the next layer (the same length on every
+            rank; zeros if ``error``), or None.
 
     Raises:
         ReplicationError on every rank if any rank passed an error.
     """
-    payload = torch.empty(counts_E.numel() + 2, dtype=torch.int64, device=counts_E.device)
-    payload[:-2] = counts_E
-    payload[-2] = tokens
-    payload[-1] = _STATUS_FAILED if error is not None else _STATUS_OK
+    parts = [counts_E.reshape(-1).to(torch.int64)]
+    if lookahead_E is not None:
+        parts.append(lookahead_E.reshape(-1).to(torch.int64).to(counts_E.device))
+    tail = torch.tensor([tokens, int(landed), _STATUS_FAILED if error is not None else _STATUS_OK],
+                        dtype=torch.int64, device=counts_E.device)
+    payload = torch.cat(parts + [tail])
     W = group_size(group)
     if W > 1:
         out = torch.empty(W * payload.numel(), dtype=torch.int64, device=payload.device)
@@ -78,15 +101,17 @@ def gather_counts(counts_E: torch.Tensor, tokens: int, error: Optional[BaseExcep
         out = out.view(W, -1)
     else:
         out = payload.unsqueeze(0)
-    out = out.cpu()
-    failed: List[int] = torch.nonzero(out[:, -1] != _STATUS_OK).flatten().tolist()
+    out = out.cpu().numpy()
+    failed: List[int] = np.nonzero(out[:, -1] != _STATUS_OK)[0].tolist()
     if failed:
         me = group_rank(group)
         if error is not None:
             raise ReplicationError(f"expert-parallel rank {me} failed: {error}") from error
         raise ReplicationError(f"expert-parallel rank(s) {failed} failed in this step (see their error); "
                                f"rank {me} stops too instead of waiting")
-    return out[:, :-2], out[:, -2]
+    E = counts_E.numel()
+    lookahead = out[:, E:-3] if lookahead_E is not None else None
+    return Gathered(out[:, :E], out[:, -3], out[:, -2].astype(bool), lookahead)
 
 
 class _AllToAll(torch.autograd.Function):

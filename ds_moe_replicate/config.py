@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError
 
 SECTION = "moe_replication"
 
-PredictorName = Literal["ema", "window"]
+PredictorName = Literal["ema", "window", "lookahead", "oracle"]
 KernelChoice = Literal["auto", "triton", "torch"]
 
 
@@ -41,7 +41,12 @@ class ReplicationConfig(DeepSpeedConfigModel):
 
     predictor: PredictorName = "ema"
     """Load predictor behind the plan: ``"ema"`` (exponential moving average of the gathered
-    expert counts) or ``"window"`` (mean over the last ``window`` steps)."""
+    expert counts), ``"window"`` (mean over the last ``window`` steps), ``"lookahead"`` (this
+    batch's loads, predicted one layer ahead by applying the layer's gate to the previous layer's
+    input, and prefetched while that layer computes; the first MoE layer is predicted from the
+    input embeddings when ``configure_replication`` attached a hook there, else by ``"ema"``), or
+    ``"oracle"`` (this step's real counts, waiting for the transfer: an upper bound for
+    experiments). History predictors re-plan every ``replan_interval`` steps; the others every step."""
 
     ema_decay: float = Field(0.5, gt=0.0, lt=1.0)
     """Weight of the history in the ``"ema"`` predictor: ``pred = decay * pred + (1 - decay) * counts``."""

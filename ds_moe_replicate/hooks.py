@@ -10,7 +10,7 @@ Legend: E logical experts, W expert-parallel ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -33,7 +33,15 @@ class StepStats:
         activated: a new plan became active at the start of this step.
         bytes_moved: replica weight bytes whose transfer started at this step, whole group.
         bytes_received: of those, the bytes this rank receives.
-        exposed_wait_ms: time this step waited for replica weights before it could start.
+        exposed_wait_ms: time spent waiting for replica weights since the previous record
+            (transfers that had not finished when they had to).
+        predictor: what predicted the active plan's loads ("ema", "window", "lookahead", "oracle").
+        predicted_E: float64 [E] the loads the active plan was made for (None before any plan).
+        prediction_l1: L1 distance between predicted and actual load shares (NaN without a plan).
+        hot_recall: fraction of the truly hot experts (load above a mean rank's) that the
+            prediction also had hot (NaN without a plan; 1.0 when none is hot).
+        prefetch_late: a plan's weights were still in flight on some rank, so the previous plan
+            served this step.
     """
 
     step: int
@@ -48,6 +56,11 @@ class StepStats:
     bytes_moved: int
     bytes_received: int
     exposed_wait_ms: float
+    predictor: str = "ema"
+    predicted_E: Optional[torch.Tensor] = None
+    prediction_l1: float = float("nan")
+    hot_recall: float = float("nan")
+    prefetch_late: bool = False
 
 
 class RemovableHandle:

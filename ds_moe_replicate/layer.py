@@ -12,6 +12,7 @@ C slots per rank (E_loc + S).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
@@ -20,7 +21,8 @@ from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import MOELayer
 from torch import nn
 
-from .comm import ReplicationError, gather_counts, group_rank, group_size
+from . import lookahead
+from .comm import ReplicationError, gather_step, group_rank, group_size
 from .config import ReplicationConfig
 from .controller import ReplicationController
 from .dispatch import Placement, capacity_transport, combine, dispatch, transport
@@ -62,7 +64,13 @@ class ReplicatedMOELayer(MOELayer):
         if self._controller is None:
             template = self.experts.deepspeed_experts[0]
             self._controller = ReplicationController(self.replication, self.num_experts, self.ep_size, template)
+            self._controller.driven = self.__dict__.get("_driven", False)
         return self._controller
+
+    def mark_driven(self) -> None:
+        """A previous layer (or the entry hook) predicts this layer's loads from now on."""
+        self.__dict__["_driven"] = True
+        self.controller.driven = True
 
     def forward(self, *input: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         if not self.replication.enabled or self.training:
@@ -79,7 +87,8 @@ class ReplicatedMOELayer(MOELayer):
         x_TH = x.reshape(-1, H)
         if used_token is not None and used_token.numel() != x_TH.shape[0]:
             raise ValueError(f"used_token has {used_token.numel()} entries for {x_TH.shape[0]} tokens")
-        routes = route(self.gate, x_TH, None if used_token is None else used_token.reshape(-1))
+        routes = route(self.gate, x_TH, None if used_token is None else used_token.reshape(-1),
+                       kernels=self.replication.kernels)
         taken = routes.expert_TK[routes.expert_TK >= 0]
         return x_TH, routes, torch.bincount(taken, minlength=self.num_experts)
 
@@ -100,6 +109,27 @@ class ReplicatedMOELayer(MOELayer):
             start += n
         return out
 
+    # ------------------------------------------------------------------------ lookahead links
+
+    @property
+    def runs(self) -> int:
+        return self.controller.step
+
+    @property
+    def hidden_size(self) -> int:
+        return self.gate.wg.weight.shape[1]
+
+    @property
+    def next_layer(self) -> Optional["ReplicatedMOELayer"]:
+        ref = self.__dict__.get("_next_ref")
+        return ref() if ref is not None else None
+
+    @next_layer.setter
+    def next_layer(self, layer: "ReplicatedMOELayer") -> None:
+        # NOTE: a weak reference kept outside nn.Module's registry, so the next layer does not
+        # become a submodule (its parameters would appear twice in state_dict).
+        self.__dict__["_next_ref"] = weakref.ref(layer)
+
     def _replicated_forward(self, x: torch.Tensor, used_token: Optional[torch.Tensor]) -> torch.Tensor:
         group = self.ep_group
         if self.ep_size > 1 and group is None:
@@ -109,16 +139,28 @@ class ReplicatedMOELayer(MOELayer):
         if group_size(group) != W:
             raise RuntimeError(f"expert-parallel group has {group_size(group)} ranks, the layer expects ep_size={W}")
         ctl = self.controller
-        activated, waited_ms = ctl.begin_step(next(self.experts.parameters()))
+        lookahead.link(self)
+        landed = ctl.begin_step(next(self.experts.parameters()))
+        nxt = self.next_layer if lookahead.active(self.next_layer) else None
 
-        # 1-2. gate and count locally; one all-gather of counts that also agrees on errors.
-        error, routes = None, None
+        # 1-2. gate and count locally (and the next layer's loads, if this layer looks ahead);
+        # one all-gather shares counts, landing flags and errors.
+        error, routes, x_TH = None, None, None
+        counts_E = torch.zeros(E, dtype=torch.int64, device=x.device)
+        ahead_E = None if nxt is None else torch.zeros(nxt.num_experts, dtype=torch.int64, device=x.device)
         try:
             x_TH, routes, counts_E = self._gate(x, used_token)
-        except Exception as err:  # noqa: BLE001 - re-raised on every rank by gather_counts
-            error, x_TH, counts_E = err, None, torch.zeros(E, dtype=torch.int64, device=x.device)
-        counts_WE, tokens_W = gather_counts(counts_E, 0 if x_TH is None else x_TH.shape[0], error, group)
-        counts_WE = counts_WE.numpy()
+            if nxt is not None:
+                ahead_E = lookahead.predict_counts(nxt, x_TH)
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank by gather_step
+            error = err
+        g = gather_step(counts_E, 0 if x_TH is None else x_TH.shape[0], error, group, landed, ahead_E)
+        counts_WE = g.counts_WE
+        activated = ctl.settle(bool(g.landed_W.all()))
+        late = ctl.late
+        global_E = counts_WE.sum(axis=0)
+        if self.replication.predictor == "oracle":
+            activated = ctl.oracle(global_E, self.experts.deepspeed_experts, rank, group) or activated
 
         # 3. split among the copies of the active placement.
         placement = ctl.placement
@@ -126,26 +168,29 @@ class ReplicatedMOELayer(MOELayer):
             send_WP = transport(counts_WE, placement, self.replication.prefer_local)
             expert_TK = routes.expert_TK
         else:
-            capacity_W = _capacity(tokens_W.numpy(), E, k, self.gate.eval_capacity_factor, self.gate.min_capacity)
+            capacity_W = _capacity(g.tokens_W, E, k, self.gate.eval_capacity_factor, self.gate.min_capacity)
             send_WP = capacity_transport(counts_WE, capacity_W, placement, self.replication.prefer_local)
             # Routes this rank keeps per expert (empty slots send nothing, so they add 0 to expert 0).
             keep_E = np.bincount(np.maximum(placement.phy2log_P, 0), weights=send_WP[rank], minlength=E)
             expert_TK = drop_over_capacity(routes.expert_TK, torch.from_numpy(keep_E.astype(np.int64)).to(x.device))
         weight_TK = normalized_weight_TK(Routes(expert_TK, routes.weight_TK, routes.l_aux, routes.exp_counts_E), k)
 
-        # 7. observe and, at a re-plan step, start prefetching the next plan's replicas; the
-        # transfers overlap the dispatch and expert compute below.
-        prefetch = ctl.observe(counts_WE.sum(axis=0), self.experts.deepspeed_experts, rank, group)
+        # 7. observe; start prefetching replicas (this layer's next history plan, or the next
+        # layer's lookahead plan): the transfers overlap the dispatch and expert compute below.
+        ctl.observe(global_E, self.experts.deepspeed_experts, rank, group)
+        if nxt is not None:
+            nxt.controller.prefetch(g.lookahead_WE.sum(axis=0), nxt.experts.deepspeed_experts, rank, group)
 
         # 4-6. dispatch, experts over home and replica slots, combine.
-        rows_MH, meta = dispatch(x_TH, expert_TK, send_WP, placement, rank, group)
+        rows_MH, meta = dispatch(x_TH, expert_TK, send_WP, placement, rank, group, kernels=self.replication.kernels)
         expert_error = None
         try:
             y_MH = self._run_slots(rows_MH, meta.slot_rows_C, placement, rank)
         except Exception as err:  # noqa: BLE001 - reported to every rank through combine
             expert_error, y_MH = err, torch.zeros_like(rows_MH)
-        out_TH, failed = combine(y_MH, weight_TK, meta, group, failed=expert_error is not None)
-        ctl.end_step()
+        out_TH, failed = combine(y_MH, weight_TK, meta, group, failed=expert_error is not None,
+                                 kernels=self.replication.kernels)
+        traffic = ctl.end_step()
         if failed:
             if expert_error is not None:
                 raise ReplicationError(f"expert computation failed on expert-parallel rank {rank}: {expert_error}") \
@@ -155,23 +200,48 @@ class ReplicatedMOELayer(MOELayer):
 
         self.l_aux, self.exp_counts = routes.l_aux, routes.exp_counts_E
         rank_tokens_W = torch.from_numpy(send_WP.reshape(-1, W, placement.slots_per_rank_total).sum(axis=(0, 2)))
+        l1, recall = prediction_quality(ctl.prediction, global_E, W)
         stats = StepStats(
             step=ctl.step - 1,
             plan_version=placement.version,
-            counts_E=torch.from_numpy(counts_WE.sum(axis=0)),
+            counts_E=torch.from_numpy(global_E),
             rank_tokens_W=rank_tokens_W,
             balancedness=float(balancedness(rank_tokens_W)),
             dropped_tokens=int(counts_WE.sum() - send_WP.sum()),
             num_replicas=placement.num_replicas,
-            replanned=prefetch.replanned,
+            replanned=traffic.replanned,
             activated=activated,
-            bytes_moved=prefetch.bytes_moved,
-            bytes_received=prefetch.bytes_received,
-            exposed_wait_ms=waited_ms,
+            bytes_moved=traffic.bytes_moved,
+            bytes_received=traffic.bytes_received,
+            exposed_wait_ms=traffic.exposed_wait_ms,
+            predictor=self.replication.predictor if not (self.replication.predictor == "lookahead"
+                                                         and not ctl.driven) else "ema",
+            predicted_E=None if ctl.prediction is None else torch.from_numpy(np.asarray(ctl.prediction)),
+            prediction_l1=l1,
+            hot_recall=recall,
+            prefetch_late=late,
         )
         self.last_stats = stats
         self.hooks(stats)
         return out_TH.reshape(x.shape)
+
+
+def prediction_quality(predicted_E: Optional[np.ndarray], actual_E: np.ndarray, ep_size: int):
+    """(L1 distance between predicted and actual load shares, recall of the hot experts).
+
+    Hot experts are those whose actual load exceeds a mean rank's load (the ones that need
+    copies); recall is the fraction of them the prediction also puts above its mean rank load.
+    Both are NaN without a prediction; recall is 1.0 when no expert is hot.
+    """
+    if predicted_E is None:
+        return float("nan"), float("nan")
+    pred = np.asarray(predicted_E, dtype=np.float64)
+    act = np.asarray(actual_E, dtype=np.float64)
+    p_share = pred / pred.sum() if pred.sum() > 0 else np.full_like(pred, 1.0 / pred.size)
+    a_share = act / act.sum() if act.sum() > 0 else np.full_like(act, 1.0 / act.size)
+    hot = a_share > 1.0 / ep_size
+    recall = float((p_share[hot] > 1.0 / ep_size).mean()) if hot.any() else 1.0
+    return float(np.abs(p_share - a_share).sum()), recall
 
 
 class ReplicatedMoE(MoE):
@@ -225,7 +295,9 @@ def configure_replication(model_or_engine: nn.Module, ds_config: Union[str, Mapp
         ds_config: a DeepSpeed config path or dict; overrides the engine's.
 
     Returns:
-        The number of layers configured. Call on every rank, between steps.
+        The number of layers configured. Call on every rank, between steps. With the
+        ``"lookahead"`` predictor a forward hook is attached (once) to the model's input
+        embeddings, to predict the first MoE layer's loads.
     """
     if ds_config is None:
         ds_config = getattr(model_or_engine, "config", None)
@@ -235,4 +307,8 @@ def configure_replication(model_or_engine: nn.Module, ds_config: Union[str, Mapp
     layers = [m for m in model_or_engine.modules() if isinstance(m, ReplicatedMoE)]
     for layer in layers:
         layer.configure(config)
+    if layers and config.enabled and config.predictor == "lookahead":
+        # The first MoE layer is predicted from the input embeddings (the others from the layer
+        # before them); without an embedding module it falls back to "ema".
+        lookahead.attach_entry(model_or_engine, lambda first=layers[0]: first.deepspeed_moe)
     return len(layers)

@@ -1,18 +1,20 @@
 """Replica slot weights on this rank, and their prefetch from the experts' home ranks.
 
-Each rank has S replica slots. A slot's weights live in one flat row of ``active [S, numel]``
+Each rank has S replica slots. A slot's weights live in flat rows of ``buffers [2, S, numel]``
 (plain tensors, not parameters, so ``state_dict`` keeps exactly the stock keys). When a new plan
 is made, every slot whose expert changes receives that expert's weights from its home rank by
-point-to-point transfer into ``staging`` while the current step computes; at the start of the
-next step ``land()`` waits for the transfers (the only time measured) and copies staging into
-active. A replica is therefore never read before its weights have arrived, and every rank
-switches plans at the same step.
+point-to-point transfer into its spare buffer while the current step computes; at the start of the
+next step the ranks agree (in the step's all-gather) whether every transfer has landed; if so the
+received slots switch to the new weights, otherwise the old plan serves one more step. A replica
+is therefore never read before its weights have arrived, and every rank switches plans at the
+same step.
 
 Legend: S replica slots per rank, C slots per rank (E_loc + S).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -48,7 +50,12 @@ def plan_transfers(old: Placement, new: Placement) -> List[Transfer]:
 
 
 class ReplicaStore:
-    """The replica slots of one layer on this rank."""
+    """The replica slots of one layer on this rank.
+
+    Two weight buffers per slot: the current one (read by the experts) and the other one (where
+    the next plan's weights arrive). Landing a prefetch flips the received slots, so no copy is
+    made and a replica never reads weights still in flight.
+    """
 
     def __init__(self, template: nn.Module, num_slots: int) -> None:
         params = list(template.named_parameters())
@@ -64,31 +71,35 @@ class ReplicaStore:
         self.shapes = [p.shape for _, p in params]
         self.numels = [p.numel() for _, p in params]
         self.numel = sum(self.numels)
-        self.active: Optional[torch.Tensor] = None
-        self.staging: Optional[torch.Tensor] = None
-        self._views: List[Dict[str, torch.Tensor]] = []
-        self._pending: Optional[Tuple[Placement, list, List[int], list]] = None
+        self.buffers: Optional[torch.Tensor] = None  # [2, S, numel]
+        self.current = np.zeros(num_slots, dtype=np.int64)
+        self._views: List[List[Dict[str, torch.Tensor]]] = []
+        self._pending: Optional[_Pending] = None
 
     @property
     def bytes_per_replica(self) -> int:
-        return self.numel * (self.active.element_size() if self.active is not None else 4)
+        return self.numel * (self.buffers.element_size() if self.buffers is not None else 4)
+
+    @property
+    def in_flight(self) -> bool:
+        return self._pending is not None
 
     def ensure(self, like: torch.Tensor) -> None:
         """Allocate the slots on ``like``'s device and dtype (again if the model moved)."""
-        if self.active is not None and self.active.device == like.device and self.active.dtype == like.dtype:
+        if self.buffers is not None and self.buffers.device == like.device and self.buffers.dtype == like.dtype:
             return
         if self._pending is not None:
             raise RuntimeError("the model moved device or dtype while replica weights were in flight")
-        self.active = torch.zeros(self.num_slots, self.numel, device=like.device, dtype=like.dtype)
-        self.staging = torch.zeros_like(self.active)
-        self._views = []
-        for s in range(self.num_slots):
-            chunks = torch.split(self.active[s], self.numels)
-            self._views.append({n: c.view(shape) for n, c, shape in zip(self.names, chunks, self.shapes)})
+        self.buffers = torch.zeros(2, self.num_slots, self.numel, device=like.device, dtype=like.dtype)
+        self._views = [[self._named(self.buffers[b, s]) for s in range(self.num_slots)] for b in range(2)]
+
+    def _named(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
+        chunks = torch.split(flat, self.numels)
+        return {n: c.view(shape) for n, c, shape in zip(self.names, chunks, self.shapes)}
 
     def params(self, slot: int) -> Dict[str, torch.Tensor]:
         """Views of the weights in replica slot ``slot``, named as the expert's parameters."""
-        return self._views[slot]
+        return self._views[int(self.current[slot])][slot]
 
     def run(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         out = torch.func.functional_call(self.template, self.params(slot), (x,))
@@ -100,7 +111,8 @@ class ReplicaStore:
 
     def start(self, transfers: Sequence[Transfer], new: Placement, home_experts: Sequence[nn.Module], rank: int,
               group) -> int:
-        """Post the sends and receives of ``transfers`` for this rank; ``land()`` finishes them.
+        """Post the sends and receives of ``transfers`` for this rank; they progress in the
+        background until ``poll``/``land``.
 
         Args:
             transfers: every transfer of the re-plan (the same list on every rank).
@@ -118,30 +130,65 @@ class ReplicaStore:
         flat_of: Dict[int, torch.Tensor] = {}
         for t in transfers:
             if t.dst == rank:
-                reqs.append(dist.irecv(self.staging[t.slot], src=global_rank(group, t.src), group=group))
+                target = self.buffers[1 - int(self.current[t.slot]), t.slot]
+                reqs.append(dist.irecv(target, src=global_rank(group, t.src), group=group))
                 slots.append(t.slot)
             elif t.src == rank:
                 if t.expert not in flat_of:
-                    flat_of[t.expert] = self.flatten(home_experts[t.expert - rank * e_loc]).to(self.active.dtype)
+                    flat_of[t.expert] = self.flatten(home_experts[t.expert - rank * e_loc]).to(self.buffers.dtype)
                 keep.append(flat_of[t.expert])
                 reqs.append(dist.isend(flat_of[t.expert], dst=global_rank(group, t.dst), group=group))
-        self._pending = (new, reqs, slots, keep)
+        self._pending = _Pending(new, reqs, slots, keep)
         return len(slots) * self.bytes_per_replica
 
+    def poll(self) -> bool:
+        """True when nothing is in flight on this rank (every send and receive finished)."""
+        return self._pending is None or self._pending.done.is_set()
+
     def land(self) -> Tuple[Optional[Placement], float]:
-        """Wait for the transfers in flight and make their weights active.
+        """Finish the transfers in flight (waiting if needed) and make their weights current.
 
         Returns:
             (the placement that is now active, or None if nothing was in flight; ms waited).
         """
         if self._pending is None:
             return None, 0.0
-        new, reqs, slots, _ = self._pending
+        pending, waited_ms = self._finish()
+        self.current[pending.slots] = 1 - self.current[pending.slots]
+        return pending.placement, waited_ms
+
+    def discard(self) -> float:
+        """Finish the transfers in flight without using them; returns ms waited."""
+        return self._finish()[1] if self._pending is not None else 0.0
+
+    def _finish(self):
+        pending, self._pending = self._pending, None
         t0 = time.perf_counter()
-        for req in reqs:
-            req.wait()
-        waited_ms = (time.perf_counter() - t0) * 1e3
-        for s in slots:
-            self.active[s].copy_(self.staging[s])
-        self._pending = None
-        return new, waited_ms
+        pending.wait()
+        return pending, (time.perf_counter() - t0) * 1e3
+
+
+class _Pending:
+    """Requests of one prefetch, waited for on a background thread so that ``poll`` can tell
+    when they are done (gloo's requests do not report completion until waited on)."""
+
+    def __init__(self, placement: Placement, reqs: list, slots: List[int], keep: list) -> None:
+        self.placement, self.reqs, self.slots, self.keep = placement, reqs, slots, keep
+        self.done = threading.Event()
+        self.error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._wait_all, daemon=True)
+        self._thread.start()
+
+    def _wait_all(self) -> None:
+        try:
+            for req in self.reqs:
+                req.wait()
+        except BaseException as err:  # noqa: BLE001 - re-raised by wait() on the caller's thread
+            self.error = err
+        finally:
+            self.done.set()
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"replica weight transfer failed: {self.error}") from self.error

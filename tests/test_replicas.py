@@ -26,12 +26,14 @@ def test_store_views_and_functional_run():
     expert = mw.expert(8, 12)
     store = ReplicaStore(expert, 2)
     store.ensure(next(expert.parameters()))
-    store.active[1].copy_(ReplicaStore.flatten(expert))
+    store.buffers[int(store.current[1]), 1].copy_(ReplicaStore.flatten(expert))
     x = torch.randn(5, 8)
     torch.testing.assert_close(store.run(1, x), expert(x))
-    # Views share memory with the flat slot row.
+    # Views share memory with the slot's current flat row; the spare row is untouched.
     store.params(0)["0.weight"].fill_(3.0)
-    assert store.active[0, : 8 * 12].eq(3.0).all()
+    assert store.buffers[int(store.current[0]), 0, : 8 * 12].eq(3.0).all()
+    assert store.buffers[1 - int(store.current[0]), 0].eq(0.0).all()
+    assert not store.in_flight and store.poll()
     assert store.bytes_per_replica == sum(p.numel() for p in expert.parameters()) * 4
 
 
@@ -39,7 +41,7 @@ def test_store_follows_dtype_and_refuses_what_it_cannot_copy():
     expert = mw.expert(4, 4)
     store = ReplicaStore(expert, 1)
     store.ensure(torch.zeros(1, dtype=torch.float16))
-    assert store.active.dtype == torch.float16 and store.params(0)["2.bias"].dtype == torch.float16
+    assert store.buffers.dtype == torch.float16 and store.params(0)["2.bias"].dtype == torch.float16
     with pytest.raises(NotImplementedError, match="buffers"):
         ReplicaStore(nn.BatchNorm1d(4), 1)
     mixed = mw.expert(4, 4)
