@@ -68,12 +68,14 @@ class ReplicationController:
     def slots_per_rank(self) -> int:
         return self.placement.slots_per_rank
 
-    def begin_step(self, like: torch.Tensor) -> bool:
-        """Make sure the slots live where the experts do; True if nothing is in flight here."""
-        if self.store is None:
-            return True
-        self.store.ensure(like)
-        return self.store.poll()
+    def begin_step(self, like: torch.Tensor) -> None:
+        """Make sure the slots live where the experts do (and have their dtype)."""
+        if self.store is not None:
+            self.store.ensure(like)
+
+    def poll(self) -> bool:
+        """True if no replica transfer of this layer is still in flight on this rank."""
+        return self.store is None or self.store.poll()
 
     def settle(self, all_landed: bool) -> bool:
         """Switch to the plan in flight if every rank reported it landed; True if switched."""
@@ -94,8 +96,10 @@ class ReplicationController:
         if self.store is None:
             return
         if self.store.in_flight:
-            # The previous plan never landed in time: finish its transfers and drop it.
-            self._wait_ms += self.store.discard()
+            # The previous plan did not land in time for its step. Every rank reaches this point
+            # at the same step, so finishing its transfers (normally done by now) and switching
+            # to it here keeps the ranks in agreement, and the next plan starts from it.
+            self.settle(True)
         predicted_E = np.asarray(predicted_E, dtype=np.float64)
         plan = plan_replicas(predicted_E, self.ep_size, self.slots_per_rank)
         new = Placement.from_plan(plan, version=self.placement.version + 1)

@@ -124,10 +124,9 @@ class ReplicatedMOELayer(MOELayer):
         ref = self.__dict__.get("_next_ref")
         return ref() if ref is not None else None
 
-    @next_layer.setter
-    def next_layer(self, layer: "ReplicatedMOELayer") -> None:
-        # NOTE: a weak reference kept outside nn.Module's registry, so the next layer does not
-        # become a submodule (its parameters would appear twice in state_dict).
+    def set_next(self, layer: "ReplicatedMOELayer") -> None:
+        # NOTE: a weak reference kept outside nn.Module's registry (plain assignment of a module
+        # would make the next layer a submodule, its parameters twice in state_dict).
         self.__dict__["_next_ref"] = weakref.ref(layer)
 
     def _replicated_forward(self, x: torch.Tensor, used_token: Optional[torch.Tensor]) -> torch.Tensor:
@@ -140,7 +139,7 @@ class ReplicatedMOELayer(MOELayer):
             raise RuntimeError(f"expert-parallel group has {group_size(group)} ranks, the layer expects ep_size={W}")
         ctl = self.controller
         lookahead.link(self)
-        landed = ctl.begin_step(next(self.experts.parameters()))
+        ctl.begin_step(next(self.experts.parameters()))
         nxt = self.next_layer if lookahead.active(self.next_layer) else None
 
         # 1-2. gate and count locally (and the next layer's loads, if this layer looks ahead);
@@ -154,6 +153,8 @@ class ReplicatedMOELayer(MOELayer):
                 ahead_E = lookahead.predict_counts(nxt, x_TH)
         except Exception as err:  # noqa: BLE001 - re-raised on every rank by gather_step
             error = err
+        # NOTE: asked as late as possible, so that transfers have the gate's time to finish too.
+        landed = ctl.poll()
         g = gather_step(counts_E, 0 if x_TH is None else x_TH.shape[0], error, group, landed, ahead_E)
         counts_WE = g.counts_WE
         activated = ctl.settle(bool(g.landed_W.all()))

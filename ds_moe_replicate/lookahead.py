@@ -41,7 +41,7 @@ def link(node) -> None:
     if (prev is not None and prev is not node and node.runs == 0 and prev.runs == 1 and prev.next_layer is None
             and hasattr(node, "controller") and _wants_lookahead(node) and _wants_lookahead(prev)
             and prev.hidden_size == node.hidden_size and prev.ep_group is node.ep_group):
-        prev.next_layer = node
+        prev.set_next(node)
         node.mark_driven()
     _last = weakref.ref(node)
 
@@ -73,8 +73,7 @@ class EntryHook:
     def next_layer(self):
         return self._next() if self._next is not None else None
 
-    @next_layer.setter
-    def next_layer(self, layer) -> None:
+    def set_next(self, layer) -> None:
         self._next = weakref.ref(layer)
 
     @property

@@ -5,9 +5,10 @@ blocks and a Mixture-of-Experts layer in odd ones (Switch Transformers put an Mo
 other block), then a final LayerNorm and a tied output head. Attention is left out: it does not
 touch expert dispatch, which is what this model exercises, and it would dominate CPU time.
 
-Skew is planted, not faked: a "topic" direction is added to the embeddings of a block of topic
-tokens and to the gate row of one hot expert per MoE layer, so batches rich in topic tokens send
-most of their tokens to those experts through the model's own gates.
+Skew is planted, not faked: each "topic" has a direction that is added to the embeddings of its
+block of tokens and to the gate row of one hot expert per MoE layer (a different expert per
+topic), so batches rich in a topic's tokens send most of their tokens to that topic's experts
+through the model's own gates.
 
 Legend: B batch, S sequence, T = B * S tokens, H hidden, V vocabulary.
 """
@@ -35,6 +36,7 @@ class TinySwitchConfig:
     k: int = 1
     topic_tokens: int = 64
     topic_strength: float = 4.0
+    topics: int = 2
     seed: int = 0
 
 
@@ -68,20 +70,27 @@ class TinySwitch(nn.Module):
                 blocks.append(_Block(cfg.hidden, expert_mlp(cfg.hidden, cfg.ffn), False))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(cfg.hidden)
-        self.topic = torch.randn(cfg.hidden, generator=g)
-        self.topic /= self.topic.norm()
+        self.topic_dirs = torch.randn(cfg.topics, cfg.hidden, generator=g)
+        self.topic_dirs /= self.topic_dirs.norm(dim=1, keepdim=True)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         with torch.no_grad():
-            self.embed.weight[: cfg.topic_tokens] += cfg.topic_strength * self.topic
+            for t in range(cfg.topics):
+                self.embed.weight[t * cfg.topic_tokens:(t + 1) * cfg.topic_tokens] += \
+                    cfg.topic_strength * self.topic_dirs[t]
             for j, block in enumerate(self.moe_blocks()):
                 wg = block.ffn.deepspeed_moe.gate.wg.weight
-                hot = j % cfg.num_experts
-                wg[hot] += cfg.topic_strength * wg.norm(dim=1).mean() * self.topic
+                scale = cfg.topic_strength * wg.norm(dim=1).mean()
+                for t in range(cfg.topics):
+                    wg[self.hot_expert(j, t)] += scale * self.topic_dirs[t]
                 # Each rank holds different experts: their weights must differ across ranks
                 # (everything else is the same on every rank, as in data parallelism).
                 eg = torch.Generator().manual_seed(cfg.seed + 1000 * (rank + 1) + j)
                 for p in block.ffn.deepspeed_moe.experts.parameters():
                     p.copy_(torch.randn(p.shape, generator=eg) / p.shape[-1] ** 0.5)
+
+    def hot_expert(self, moe_index: int, topic: int) -> int:
+        """The expert topic ``topic`` sends its tokens to in MoE layer ``moe_index`` (topics differ)."""
+        return (moe_index + topic * (self.cfg.num_experts // 2 + 1)) % self.cfg.num_experts
 
     def moe_blocks(self) -> List[_Block]:
         return [b for b in self.blocks if b.is_moe]
@@ -97,9 +106,15 @@ class TinySwitch(nn.Module):
         return (self.norm(h) @ self.embed.weight.t()) * self.cfg.hidden ** -0.5
 
 
-def topic_tokens(cfg: TinySwitchConfig, batch: int, seq: int, topic_share: float, seed: int) -> torch.Tensor:
-    """[B, S] token ids, a fraction ``topic_share`` drawn from the topic block, the rest uniform."""
+def topic_tokens(cfg: TinySwitchConfig, batch: int, seq: int, topic_share: float, seed: int,
+                 topic: int = 0) -> torch.Tensor:
+    """[B, S] token ids: a fraction ``topic_share`` from topic ``topic``'s block, the rest from
+    outside every topic block."""
+    if not 0 <= topic < cfg.topics:
+        raise ValueError(f"topic must lie in [0, {cfg.topics}), got {topic}")
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(cfg.topic_tokens, cfg.vocab, (batch, seq), generator=g)
-    topic = torch.rand(batch, seq, generator=g) < topic_share
-    return torch.where(topic, torch.randint(0, cfg.topic_tokens, (batch, seq), generator=g), tokens)
+    first = cfg.topics * cfg.topic_tokens
+    tokens = torch.randint(first, cfg.vocab, (batch, seq), generator=g)
+    chosen = torch.rand(batch, seq, generator=g) < topic_share
+    topical = torch.randint(0, cfg.topic_tokens, (batch, seq), generator=g) + topic * cfg.topic_tokens
+    return torch.where(chosen, topical, tokens)

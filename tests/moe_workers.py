@@ -253,3 +253,35 @@ def deepspeed_initialize_toggle(rank):
             engine.module[1](engine.module[0](x))
         results.append((engine.config["moe_replication"]["enabled"], rep.last_stats is not None))
     return results
+
+
+def predictor_run(rank, predictor, steps=6, late_rank=None, late_step=None):
+    """Tiny Switch-style model, topics alternating per batch: stock vs ReplicatedMoE with
+    ``predictor``. Returns per step and MoE layer (diff, version, phy2log, balancedness, late)."""
+    from ds_moe_replicate.bench.predictors import _model
+    from ds_moe_replicate.layer import configure_replication
+    from ds_moe_replicate.tiny_switch import TinySwitchConfig, topic_tokens
+
+    cfg = TinySwitchConfig(hidden=32, ffn=64, blocks=4, num_experts=4, vocab=256, topic_tokens=32)
+    stock = _model(cfg, dist.get_world_size(), replicated=False)
+    rep = _model(cfg, dist.get_world_size(), replicated=True)
+    rep.load_state_dict(stock.state_dict(), strict=True)
+    configure_replication(rep, {"moe_replication": {"enabled": True, "slots_per_rank": 1, "replan_interval": 2,
+                                                    "predictor": predictor}})
+    out = []
+    for step in range(steps):
+        if late_step is not None and step == late_step and rank == late_rank:
+            store = rep.moe_layers()[1].deepspeed_moe.controller.store
+            store.poll = lambda: False  # this rank's transfers "have not landed" at this step
+        x = topic_tokens(cfg, 2, 48, 0.7, seed=rank * 5 + step, topic=step % 2)
+        with torch.no_grad():
+            a = stock(x)
+            b = rep(x)
+        if late_step is not None and step == late_step and rank == late_rank:
+            del store.poll
+        diff = float((a - b).abs().max())
+        for j, layer in enumerate(rep.moe_layers()):
+            s = layer.last_stats
+            phy = layer.deepspeed_moe.controller.placement.phy2log_P.tolist()
+            out.append((step, j, diff, s.plan_version, phy, s.balancedness, s.prefetch_late, s.prediction_l1))
+    return out

@@ -1,0 +1,182 @@
+"""Predictor benchmark: which predictor keeps replicas where the tokens go, and what it costs.
+
+Run under the ``deepspeed`` launcher (``launch/bench_predictors.py``). The same tiny Switch-style
+model (same weights) is built once per mode: ``stock`` (DeepSpeed's MoE, dropless) and
+``ReplicatedMoE`` with each predictor. For each workload every mode sees identical batches,
+round-robin after warm-up; reported per mode: median ms per forward (slowest rank), realised
+balancedness of tokens computed per rank (mean over MoE layers and steps) beside what the oracle
+plan would have reached on the same counts, the prediction's L1 error and hot-expert recall, the
+exposed wait for replica weights as a share of step time, and the largest output difference from
+``stock``.
+
+Workloads: ``switching`` (the hot topic alternates every batch) and ``steady`` (one topic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Dict, List
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import ReplicationConfig
+from ..layer import ReplicatedMoE, configure_replication
+from ..planner import plan_replicas
+from ..tiny_switch import TinySwitch, TinySwitchConfig, topic_tokens
+from .common import device_for_rank, init_distributed, median, timed
+
+PREDICTORS = ("ema", "window", "lookahead", "oracle")
+WORKLOADS = ("switching", "steady")
+
+
+def _model(cfg: TinySwitchConfig, ep_size: int, replicated: bool) -> TinySwitch:
+    from deepspeed.moe.layer import MoE
+
+    def factory(hidden, expert, num_experts, k):
+        cls = ReplicatedMoE if replicated else MoE
+        return cls(hidden, expert, num_experts=num_experts, ep_size=ep_size, k=k, drop_tokens=False, use_rts=False,
+                   top2_2nd_expert_sampling=False)
+
+    model = TinySwitch(cfg, factory)
+    for layer in model.moe_layers():
+        layer.set_deepspeed_parallelism()
+    return model.eval()
+
+
+def _oracle_balance(counts_E: torch.Tensor, ep_size: int, slots: int) -> float:
+    return float(plan_replicas(counts_E.double(), ep_size, slots).balancedness()[0])
+
+
+def run_workload(workload: str, cfg: TinySwitchConfig, base: Dict, predictors: List[str], batch: int, seq: int,
+                 share: float, warmup: int, steps: int, device) -> List[Dict]:
+    W, rank = dist.get_world_size(), dist.get_rank()
+    models = {"stock": _model(cfg, W, replicated=False).to(device)}
+    state = models["stock"].state_dict()
+    records: Dict[str, list] = {}
+    for name in predictors:
+        model = _model(cfg, W, replicated=True).to(device)
+        model.load_state_dict(state, strict=True)
+        configure_replication(model, {"moe_replication": dict(base, predictor=name)})
+        records[name] = []
+        for layer in model.moe_layers():
+            layer.register_stats_hook(lambda s, n=name: records[n].append(s))
+        models[name] = model
+    modes = list(models)
+    times = {m: [] for m in modes}
+    diff = {m: 0.0 for m in modes}
+    kept: Dict[str, list] = {m: [] for m in predictors}
+    with torch.no_grad():
+        for step in range(warmup + steps):
+            topic = step % cfg.topics if workload == "switching" else 0
+            x = topic_tokens(cfg, batch, seq, share, seed=rank * 7717 + step, topic=topic).to(device)
+            outs = {}
+            for i in range(len(modes)):
+                mode = modes[(i + step) % len(modes)]
+                for r in records.values():
+                    r.clear()
+                outs[mode], ms = timed(lambda: models[mode](x))
+                if step >= warmup:
+                    times[mode].append(ms)
+                    if mode in records:
+                        kept[mode].append((ms, list(records[mode])))
+            if step >= warmup:
+                for mode in modes:
+                    diff[mode] = max(diff[mode], float((outs[mode] - outs["stock"]).abs().max()))
+    rows = []
+    for mode in modes:
+        t = torch.tensor([diff[mode]], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        row = dict(workload=workload, mode=mode, ms=median(times[mode]), max_abs_diff=float(t), ms_all=times[mode])
+        if mode in kept:
+            stats = [s for _, step_stats in kept[mode] for s in step_stats]
+            wait_share = [sum(s.exposed_wait_ms for s in st) / ms for ms, st in kept[mode]]
+            row.update(
+                balancedness=float(np.mean([s.balancedness for s in stats])),
+                oracle_balancedness=float(np.mean([_oracle_balance(s.counts_E, W, base["slots_per_rank"])
+                                                   for s in stats])),
+                per_layer_balancedness=[float(np.mean([s.balancedness for s in stats[j::len(kept[mode][0][1])]]))
+                                        for j in range(len(kept[mode][0][1]))],
+                prediction_l1=float(np.nanmean([s.prediction_l1 for s in stats])),
+                hot_recall=float(np.nanmean([s.hot_recall for s in stats])),
+                exposed_wait_share=float(np.median(wait_share)),
+                late_steps=int(sum(s.prefetch_late for s in stats)),
+                bytes_moved=int(sum(s.bytes_moved for s in stats)),
+            )
+        else:
+            row.update(balancedness=float("nan"), oracle_balancedness=float("nan"), per_layer_balancedness=[],
+                       prediction_l1=float("nan"), hot_recall=float("nan"), exposed_wait_share=0.0, late_steps=0,
+                       bytes_moved=0)
+        rows.append(row)
+    return rows
+
+
+def table(rows: List[Dict]) -> str:
+    lines = ["| workload | mode | ms / forward | balancedness | oracle plan's | per layer | L1 error | hot recall | "
+             "exposed wait | late steps | max abs diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(v, fmt):
+        return "-" if isinstance(v, float) and math.isnan(v) else format(v, fmt)
+
+    for r in rows:
+        per_layer = " / ".join(f"{b:.2f}" for b in r["per_layer_balancedness"]) or "-"
+        lines.append(f"| {r['workload']} | {r['mode']} | {r['ms']:.1f} | {f(r['balancedness'], '.3f')} | "
+                     f"{f(r['oracle_balancedness'], '.3f')} | {per_layer} | {f(r['prediction_l1'], '.3f')} | "
+                     f"{f(r['hot_recall'], '.2f')} | {r['exposed_wait_share']:.1%} | {r['late_steps']} | "
+                     f"{r['max_abs_diff']:.1e} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--deepspeed_config", default=None,
+                    help="DeepSpeed JSON whose moe_replication section is the base (predictor is overridden)")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--predictors", default=",".join(PREDICTORS))
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--topic-share", type=float, default=0.7, help="share of topic tokens per batch")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--ffn", type=int, default=1024)
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    predictors = [p for p in args.predictors.split(",") if p]
+    workloads = [w for w in args.workloads.split(",") if w]
+    for given, allowed, flag in ((predictors, PREDICTORS, "--predictors"), (workloads, WORKLOADS, "--workloads")):
+        bad = [v for v in given if v not in allowed]
+        if bad:
+            ap.error(f"{flag}: unknown {bad}; choose from {list(allowed)}")
+    base = ReplicationConfig.from_ds_config(args.deepspeed_config) if args.deepspeed_config else \
+        ReplicationConfig(enabled=True, slots_per_rank=1, replan_interval=1)
+    base = dict(base.model_dump(), enabled=True)
+    init_distributed()
+    device = device_for_rank()
+    cfg = TinySwitchConfig(hidden=args.hidden, ffn=args.ffn, blocks=args.blocks, num_experts=args.experts)
+    rows = []
+    for w in workloads:
+        rows += run_workload(w, cfg, base, predictors, args.batch, args.seq, args.topic_share, args.warmup,
+                             args.steps, device)
+        if dist.get_rank() == 0:
+            print(f"[bench] {w} done", flush=True)
+    if dist.get_rank() == 0:
+        print(f"\nPredictors on a tiny Switch-style model: {cfg.blocks // 2} MoE layers, E={cfg.num_experts}, "
+              f"H={cfg.hidden}, F={cfg.ffn}, {args.batch * args.seq} tokens/rank, EP={dist.get_world_size()}, "
+              f"topic share {args.topic_share:.0%}; {args.steps} timed forwards per mode after {args.warmup} "
+              f"warm-up, modes round-robin on identical batches; base moe_replication={base}")
+        print(table(rows))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(rows, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
