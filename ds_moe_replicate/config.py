@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 SECTION = "moe_replication"
 
-PredictorName = Literal["ema", "window", "lookahead", "oracle"]
+PredictorName = Literal["ema", "window", "lookahead", "learned", "oracle"]
 KernelChoice = Literal["auto", "triton", "torch"]
 
 
@@ -44,9 +44,14 @@ class ReplicationConfig(DeepSpeedConfigModel):
     expert counts), ``"window"`` (mean over the last ``window`` steps), ``"lookahead"`` (this
     batch's loads, predicted one layer ahead by applying the layer's gate to the previous layer's
     input, and prefetched while that layer computes; the first MoE layer is predicted from the
-    input embeddings when ``configure_replication`` attached a hook there, else by ``"ema"``), or
+    input embeddings when ``configure_replication`` attached a hook there, else by ``"ema"``),
+    ``"learned"`` (every layer's loads predicted from the batch's token embeddings by the small
+    model at ``learned_path``, distilled from the routers by ``launch/train_predictor.py``), or
     ``"oracle"`` (this step's real counts, waiting for the transfer: an upper bound for
     experiments). History predictors re-plan every ``replan_interval`` steps; the others every step."""
+
+    learned_path: Optional[str] = None
+    """File of the ``"learned"`` predictor (required by it, ignored otherwise)."""
 
     ema_decay: float = Field(0.5, gt=0.0, lt=1.0)
     """Weight of the history in the ``"ema"`` predictor: ``pred = decay * pred + (1 - decay) * counts``."""
@@ -66,6 +71,14 @@ class ReplicationConfig(DeepSpeedConfigModel):
     kernels: KernelChoice = "auto"
     """Bookkeeping kernels: ``"auto"`` (Triton on CUDA, PyTorch twins elsewhere), ``"triton"``
     (force Triton; on CPU only under ``TRITON_INTERPRET=1``) or ``"torch"`` (force the twins)."""
+
+    @field_validator("learned_path")
+    @classmethod
+    def _learned_needs_a_file(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        # NOTE: runs for the default too (validate_default), after ``predictor`` (declared first).
+        if info.data.get("predictor") == "learned" and not value:
+            raise ValueError("required when predictor is 'learned' (a file made by launch/train_predictor.py)")
+        return value
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> "ReplicationConfig":

@@ -55,7 +55,7 @@ class ReplicationController:
         # NOTE: with one rank there is nowhere to put a copy; keep the slot layout empty.
         slots = config.slots_per_rank if ep_size > 1 else 0
         self.placement = Placement.home(num_experts, ep_size, slots)
-        history = config.predictor in ("ema", "window")
+        history = config.predictor in ("ema", "window")  # the others fall back to an EMA
         self.history = make_predictor(config) if history else EmaPredictor(config.ema_decay)
         self.store = ReplicaStore(template, slots) if slots > 0 else None
         self.driven = False  # set when a previous layer (or the entry hook) predicts this layer
@@ -115,7 +115,7 @@ class ReplicationController:
     def observe(self, counts_E: np.ndarray, home_experts: Sequence[nn.Module], rank: int, group) -> None:
         """Feed this step's global counts; at a history re-plan step, plan and start the prefetch."""
         self.history.observe(counts_E)
-        driven = self.driven and self.config.predictor == "lookahead"
+        driven = self.driven and self.config.predictor in ("lookahead", "learned")
         if self.store is None or driven or self.config.predictor == "oracle":
             return
         if self.step % self.config.replan_interval or self.store.in_flight:

@@ -22,6 +22,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from . import ops
 from .comm import all_to_all
 from .planner import ReplicaPlan, split_loads
 
@@ -172,6 +173,7 @@ class DispatchMeta:
 
     Attributes:
         order_N: index into the flattened [T * K] routes of each sent row, in send order.
+        pos_TK: send row of each route (-1 = not taken); the inverse of ``order_N``.
         send_W / recv_W: rows sent to / received from each rank.
         group_M: receive-order index of each row in slot-grouped order.
         slot_rows_C: rows per local physical slot (grouped order is slot by slot).
@@ -179,6 +181,7 @@ class DispatchMeta:
     """
 
     order_N: torch.Tensor
+    pos_TK: torch.Tensor
     send_W: List[int]
     recv_W: List[int]
     group_M: Optional[torch.Tensor]
@@ -191,27 +194,13 @@ def _route_slots(expert_TK: torch.Tensor, send_P: torch.Tensor, copies_ER: torch
     """Physical slot of each route of this rank (-1 where not taken).
 
     Routes to expert e, in route order, fill e's copies in ascending slot order, ``send_P[p]``
-    routes each. int64 [T * K].
+    routes each. int64 [T * K]. (The slot part of ``kernels.assign_slots_torch``.)
     """
-    flat = expert_TK.reshape(-1)
-    taken = flat >= 0
-    e = flat.clamp_min(0)
-    # Rank of each route among this rank's routes to its expert (stable by route order).
-    order = torch.argsort(torch.where(taken, e, copies_ER.shape[0]), stable=True)
-    counts = torch.bincount(e[taken], minlength=copies_ER.shape[0])
-    start = torch.cumsum(counts, 0) - counts
-    idx = torch.empty_like(flat)
-    idx[order] = torch.arange(flat.numel(), device=flat.device)
-    idx = idx - start[e]
-    sizes_ER = torch.where(copies_ER >= 0, send_P[copies_ER.clamp_min(0)], torch.zeros_like(copies_ER))
-    bound_ER = torch.cumsum(sizes_ER, dim=1)
-    copy = (idx.unsqueeze(1) >= bound_ER[e]).sum(dim=1)
-    slot = copies_ER[e, copy.clamp_max(copies_ER.shape[1] - 1)]
-    return torch.where(taken, slot, torch.full_like(slot, -1))
+    return ops.assign_slots(expert_TK, send_P, copies_ER, kernels="torch")[0]
 
 
 def dispatch(x_TH: torch.Tensor, expert_TK: torch.Tensor, send_WP: np.ndarray, placement: Placement,
-             rank: int, group):
+             rank: int, group, *, kernels: str = "torch"):
     """Send every taken route's row to the physical slot the split gave it.
 
     Args:
@@ -219,6 +208,7 @@ def dispatch(x_TH: torch.Tensor, expert_TK: torch.Tensor, send_WP: np.ndarray, p
             agree with ``send_WP[rank]`` (routes per expert = sum over its copies).
         send_WP: int64 [W, P] from ``transport`` or ``capacity_transport``.
         placement: the active placement. rank: this rank in ``group``.
+        kernels: ``moe_replication.kernels``: who runs slot assignment and permutation (``ops``).
 
     Returns:
         (rows_MH grouped by local slot, DispatchMeta).
@@ -229,13 +219,9 @@ def dispatch(x_TH: torch.Tensor, expert_TK: torch.Tensor, send_WP: np.ndarray, p
     device = x_TH.device
     send_P = torch.from_numpy(send_WP[rank]).to(device)
     copies_ER = torch.from_numpy(placement.log2phy_ER.copy()).to(device)
-    slot_N = _route_slots(expert_TK, send_P, copies_ER)
-    taken = slot_N >= 0
-    # NOTE: stable sort by slot groups rows by destination rank (slots are rank-major) and keeps
-    # route order within a slot, which is what the receiver's counts assume.
-    order = torch.argsort(torch.where(taken, slot_N, placement.phy2log_P.size), stable=True)
-    order_N = order[: int(taken.sum())]
-    x_send = x_TH.index_select(0, torch.div(order_N, K, rounding_mode="floor"))
+    # Send order: by physical slot (so by destination rank), route order within a slot.
+    _, pos_L, order_N = ops.assign_slots(expert_TK, send_P, copies_ER, kernels=kernels)
+    x_send = ops.permute(x_TH, order_N, K, kernels=kernels)
     send_W = send_WP.reshape(-1, W, C).sum(axis=2)[rank].tolist()
     mine_WC = send_WP[:, rank * C:(rank + 1) * C]
     recv_W = mine_WC.sum(axis=1).tolist()
@@ -246,12 +232,13 @@ def dispatch(x_TH: torch.Tensor, expert_TK: torch.Tensor, send_WP: np.ndarray, p
         start_WC = (np.cumsum(mine_WC.reshape(-1)) - mine_WC.reshape(-1)).reshape(W, C)
         rows = [np.arange(start_WC[w, c], start_WC[w, c] + mine_WC[w, c]) for c in range(C) for w in range(W)]
         group_M = torch.from_numpy(np.concatenate(rows) if rows else np.zeros(0, np.int64)).to(device)
-        x_recv = x_recv.index_select(0, group_M)
-    meta = DispatchMeta(order_N, send_W, recv_W, group_M, mine_WC.sum(axis=0).tolist(), T, K)
+        x_recv = ops.permute(x_recv, group_M, 1, kernels=kernels)
+    meta = DispatchMeta(order_N, pos_L.view(T, K), send_W, recv_W, group_M, mine_WC.sum(axis=0).tolist(), T, K)
     return x_recv, meta
 
 
-def combine(y_MH: torch.Tensor, weight_TK: torch.Tensor, meta: DispatchMeta, group, failed: bool = False):
+def combine(y_MH: torch.Tensor, weight_TK: torch.Tensor, meta: DispatchMeta, group, failed: bool = False, *,
+            kernels: str = "torch"):
     """Reverse of ``dispatch``: expert outputs back to their tokens, gate-weighted, summed over k.
 
     The exchange carries one status row per rank pair, so a rank whose experts failed still
@@ -261,6 +248,7 @@ def combine(y_MH: torch.Tensor, weight_TK: torch.Tensor, meta: DispatchMeta, gro
         y_MH: [M, H] expert outputs in the grouped order ``dispatch`` returned.
         weight_TK: fp32 [T, K] combine weights (any value where a route was not taken).
         failed: this rank's expert step failed (``y_MH`` then holds placeholders).
+        kernels: ``moe_replication.kernels``: who runs the weighted un-permute (``ops.combine``).
 
     Returns:
         ([T, H] in ``y_MH``'s dtype, ranks that reported failure). The weighting and the sum
@@ -283,7 +271,4 @@ def combine(y_MH: torch.Tensor, weight_TK: torch.Tensor, meta: DispatchMeta, gro
         y_N = y_back[keep]
     else:
         y_N = y_MH
-    routed = y_N.new_zeros(meta.num_tokens * meta.k, H)
-    routed[meta.order_N] = y_N
-    out = (routed.view(meta.num_tokens, meta.k, H) * weight_TK.unsqueeze(-1)).sum(dim=1)
-    return out.to(y_MH.dtype), failed_ranks
+    return ops.combine(y_N, weight_TK, meta.pos_TK, kernels=kernels), failed_ranks

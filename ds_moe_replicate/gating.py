@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from deepspeed.moe.sharded_moe import TopKGate, gumbel_rsample
 
+from . import ops
+
 __all__ = ["Routes", "route", "drop_over_capacity"]
 
 
@@ -44,52 +46,64 @@ def _logits(gate: TopKGate, x_TH: torch.Tensor) -> torch.Tensor:
     return F.linear(x_TH.float(), weight=gate.wg.weight.float(), bias=None)
 
 
-def route(gate: TopKGate, x_TH: torch.Tensor, used_token_T: Optional[torch.Tensor] = None) -> Routes:
+def route(gate: TopKGate, x_TH: torch.Tensor, used_token_T: Optional[torch.Tensor] = None, *,
+          kernels: str = "torch") -> Routes:
     """DeepSpeed's gating decision for every token, without capacity.
 
     Args:
         gate: the layer's ``TopKGate`` (its ``wg``, ``k`` and ``top2_2nd_expert_sampling``).
         x_TH: [T, H] tokens of this rank (T may be 0).
         used_token_T: optional [T] mask; as in DeepSpeed it only applies to k = 1.
+        kernels: ``moe_replication.kernels`` (``"auto"``, ``"triton"`` or ``"torch"``): who runs
+            the fused softmax + top-k + counts (``ops.topk_gating``).
 
     Returns:
         ``Routes`` with K = gate.k routes per token.
     """
     logits_TE = _logits(gate, x_TH)
+    T, E = logits_TE.shape
+    k = gate.k
+    if k == 2 and gate.top2_2nd_expert_sampling:
+        return _route_sampled_top2(logits_TE)
+    # NOTE: the choice is on the logits (see kernels/topk_gating.py): DeepSpeed's, except where
+    # fp32 rounding makes two different logits' probabilities equal.
+    expert_TK, weight_TK, counts_E, gate_sum_E = ops.topk_gating(logits_TE, k, kernels=kernels)
+    me_E = gate_sum_E / T if T else gate_sum_E
+    if k == 1:
+        if used_token_T is not None:
+            mask_TE = torch.einsum("s,se->se", used_token_T, F.one_hot(expert_TK[:, 0], num_classes=E))
+            counts_E = mask_TE.sum(dim=0).detach()
+            ce_E = mask_TE.float().mean(dim=0) if T else me_E
+            taken_T = mask_TE.sum(dim=1) > 0
+            weight_TK = weight_TK * used_token_T.unsqueeze(1)
+            expert_TK = torch.where(taken_T.unsqueeze(1), expert_TK, torch.full_like(expert_TK, -1))
+        else:
+            ce_E = counts_E.float() / T if T else me_E
+        return Routes(expert_TK, weight_TK, torch.sum(me_E * ce_E) * E, counts_E)
+    if k == 2:
+        # DeepSpeed's ce for top-2 counts first choices only.
+        ce_E = torch.bincount(expert_TK[:, 0], minlength=E).float() / T if T else me_E
+        return Routes(expert_TK, weight_TK, torch.mean(me_E * ce_E) * E * E, counts_E)
+    ce_E = counts_E.float() / T if T else me_E
+    return Routes(expert_TK, weight_TK, torch.mean(me_E * ce_E) * E * E / k, counts_E)
+
+
+def _route_sampled_top2(logits_TE: torch.Tensor) -> Routes:
+    """k = 2 with ``top2_2nd_expert_sampling``: DeepSpeed's Gumbel-sampled second expert (PyTorch
+    only: the sample is random, so no kernel could be checked against it)."""
     gates_TE = F.softmax(logits_TE, dim=1)
     T, E = gates_TE.shape
-    k = gate.k
     me_E = gates_TE.mean(dim=0) if T else gates_TE.new_zeros(E)
-    if k == 1:
-        idx_T = torch.argmax(gates_TE, dim=1)
-        mask_TE = F.one_hot(idx_T, num_classes=E)
-        if used_token_T is not None:
-            mask_TE = torch.einsum("s,se->se", used_token_T, mask_TE)
-        exp_counts = mask_TE.sum(dim=0).detach()
-        ce_E = mask_TE.float().mean(dim=0) if T else me_E
-        l_aux = torch.sum(me_E * ce_E) * E
-        taken_T = mask_TE.sum(dim=1) > 0
-        weight_T = (gates_TE * mask_TE).sum(dim=1)
-        expert_TK = torch.where(taken_T, idx_T, torch.full_like(idx_T, -1)).unsqueeze(1)
-        return Routes(expert_TK, weight_T.unsqueeze(1), l_aux, exp_counts)
-    if k == 2:
-        idx1_T = torch.argmax(gates_TE, dim=1)
-        mask1_TE = F.one_hot(idx1_T, num_classes=E)
-        if gate.top2_2nd_expert_sampling:
-            logits_TE = logits_TE + gumbel_rsample(logits_TE.shape, device=logits_TE.device)
-        idx2_T = torch.argmax(logits_TE.masked_fill(mask1_TE.bool(), float("-inf")), dim=1)
-        mask2_TE = F.one_hot(idx2_T, num_classes=E)
-        ce_E = mask1_TE.float().mean(dim=0) if T else me_E
-        l_aux = torch.mean(me_E * ce_E) * E * E
-        exp_counts = (mask1_TE + mask2_TE).sum(dim=0).detach()
-        expert_TK = torch.stack([idx1_T, idx2_T], dim=1)
-        return Routes(expert_TK, gates_TE.gather(1, expert_TK), l_aux, exp_counts)
-    top_gate_TK, top_idx_TK = torch.topk(gates_TE, k=k, dim=1)
-    mask_TE = torch.zeros_like(gates_TE, dtype=torch.bool).scatter_(1, top_idx_TK, True)
-    exp_counts = mask_TE.sum(dim=0).detach()
-    ce_E = mask_TE.float().mean(dim=0) if T else me_E
-    l_aux = torch.mean(me_E * ce_E) * E * E / k
-    return Routes(top_idx_TK, top_gate_TK, l_aux, exp_counts)
+    idx1_T = torch.argmax(gates_TE, dim=1)
+    mask1_TE = F.one_hot(idx1_T, num_classes=E)
+    logits_TE = logits_TE + gumbel_rsample(logits_TE.shape, device=logits_TE.device)
+    idx2_T = torch.argmax(logits_TE.masked_fill(mask1_TE.bool(), float("-inf")), dim=1)
+    mask2_TE = F.one_hot(idx2_T, num_classes=E)
+    ce_E = mask1_TE.float().mean(dim=0) if T else me_E
+    l_aux = torch.mean(me_E * ce_E) * E * E
+    exp_counts = (mask1_TE + mask2_TE).sum(dim=0).detach()
+    expert_TK = torch.stack([idx1_T, idx2_T], dim=1)
+    return Routes(expert_TK, gates_TE.gather(1, expert_TK), l_aux, exp_counts)
 
 
 def normalized_weight_TK(routes: Routes, k: int) -> torch.Tensor:

@@ -23,25 +23,10 @@ import torch.distributed as dist
 
 from .bench.common import device_for_rank, init_distributed, median, rank_balance, timed
 from .config import ReplicationConfig
-from .layer import ReplicatedMoE, configure_replication
-from .tiny_switch import TinySwitch, TinySwitchConfig, topic_tokens
+from .layer import configure_replication
+from .tiny_switch import TinySwitch, TinySwitchConfig, build_tiny_switch, topic_tokens
 
 MODES = ("stock", "stock_capacity", "replicated")
-
-
-def _build(mode: str, cfg: TinySwitchConfig, ep_size: int) -> TinySwitch:
-    from deepspeed.moe.layer import MoE
-
-    def factory(hidden, expert, num_experts, k):
-        common = dict(num_experts=num_experts, ep_size=ep_size, k=k, use_rts=False, top2_2nd_expert_sampling=False)
-        if mode == "replicated":
-            return ReplicatedMoE(hidden, expert, drop_tokens=False, **common)
-        if mode == "stock":
-            return MoE(hidden, expert, drop_tokens=False, **common)
-        return MoE(hidden, expert, drop_tokens=True, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=4,
-                   **common)
-
-    return TinySwitch(cfg, factory)
 
 
 def _engine(model: TinySwitch, ds_config: Dict):
@@ -66,7 +51,8 @@ def run(args, ds_config: Dict) -> List[Dict]:
     stock_config = {k: v for k, v in ds_config.items() if k != "moe_replication"}
     engines = {}
     for mode in MODES:
-        model = _build(mode, cfg, W)
+        model = build_tiny_switch(cfg, W, replicated=mode == "replicated", capacity=mode == "stock_capacity",
+                                  set_groups=False)
         engines[mode] = _engine(model, ds_config if mode == "replicated" else stock_config)
     state = engines["stock"].module.state_dict()
     for mode in ("stock_capacity", "replicated"):

@@ -28,6 +28,7 @@ from .controller import ReplicationController
 from .dispatch import Placement, capacity_transport, combine, dispatch, transport
 from .gating import Routes, drop_over_capacity, normalized_weight_TK, route
 from .hooks import RemovableHandle, StatsHooks, StepStats
+from .learned import RouterDistiller
 from .planner import balancedness
 
 __all__ = ["ReplicatedMoE", "ReplicatedMOELayer", "configure_replication"]
@@ -215,8 +216,8 @@ class ReplicatedMOELayer(MOELayer):
             bytes_moved=traffic.bytes_moved,
             bytes_received=traffic.bytes_received,
             exposed_wait_ms=traffic.exposed_wait_ms,
-            predictor=self.replication.predictor if not (self.replication.predictor == "lookahead"
-                                                         and not ctl.driven) else "ema",
+            predictor=self.replication.predictor if ctl.driven or self.replication.predictor not in lookahead.AHEAD
+            else "ema",
             predicted_E=None if ctl.prediction is None else torch.from_numpy(np.asarray(ctl.prediction)),
             prediction_l1=l1,
             hot_recall=recall,
@@ -308,8 +309,13 @@ def configure_replication(model_or_engine: nn.Module, ds_config: Union[str, Mapp
     layers = [m for m in model_or_engine.modules() if isinstance(m, ReplicatedMoE)]
     for layer in layers:
         layer.configure(config)
-    if layers and config.enabled and config.predictor == "lookahead":
-        # The first MoE layer is predicted from the input embeddings (the others from the layer
-        # before them); without an embedding module it falls back to "ema".
-        lookahead.attach_entry(model_or_engine, lambda first=layers[0]: first.deepspeed_moe)
+    if layers and config.enabled and config.predictor in lookahead.AHEAD:
+        # "lookahead": the first MoE layer is predicted from the input embeddings, the others
+        # from the layer before them; without an embedding module the first falls back to "ema".
+        # "learned": every layer is predicted from the embeddings by the distilled predictor.
+        distiller = RouterDistiller.load(config.learned_path) if config.predictor == "learned" else None
+        hook = lookahead.attach_entry(model_or_engine, lambda first=layers[0]: first.deepspeed_moe, distiller)
+        if hook is None and distiller is not None:
+            raise ValueError("moe_replication.predictor 'learned' predicts from the input embeddings, and this model "
+                             "has no get_input_embeddings() nor nn.Embedding")
     return len(layers)

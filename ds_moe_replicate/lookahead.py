@@ -15,7 +15,7 @@ Legend: T tokens, H hidden, E logical experts.
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -23,14 +23,17 @@ from torch import nn
 from .comm import gather_step, group_rank
 from .gating import route
 
-__all__ = ["link", "predict_counts", "EntryHook", "attach_entry", "find_entry"]
+__all__ = ["link", "predict_counts", "active", "chain", "EntryHook", "attach_entry", "find_entry"]
 
 _last: Optional[weakref.ReferenceType] = None
 
 
+AHEAD = ("lookahead", "learned")
+
+
 def _wants_lookahead(node) -> bool:
     layer = getattr(node, "moe_layer", node)
-    return getattr(layer, "replication", None) is not None and layer.replication.predictor == "lookahead"
+    return getattr(layer, "replication", None) is not None and layer.replication.predictor in AHEAD
 
 
 def link(node) -> None:
@@ -53,15 +56,28 @@ def predict_counts(layer, x_TH: torch.Tensor) -> torch.Tensor:
     return torch.bincount(expert_TK[expert_TK >= 0], minlength=layer.num_experts)
 
 
-def active(layer) -> bool:
-    """``layer`` will run its replicated path with lookahead (the same answer on every rank)."""
-    return layer is not None and layer.replication.enabled and not layer.training and _wants_lookahead(layer)
+def active(layer, predictors=("lookahead",)) -> bool:
+    """``layer`` will run its replicated path with one of ``predictors`` (the same answer on
+    every rank)."""
+    return (layer is not None and layer.replication.enabled and not layer.training
+            and layer.replication.predictor in predictors)
+
+
+def chain(first) -> List:
+    """The linked layers from ``first`` on, in execution order."""
+    out = []
+    while first is not None and first not in out:
+        out.append(first)
+        first = first.next_layer
+    return out
 
 
 class EntryHook:
-    """Forward hook on the input embeddings: predicts the first MoE layer's loads."""
+    """Forward hook on the input embeddings: predicts the first MoE layer's loads (lookahead),
+    or every layer's (learned, with ``distiller``)."""
 
-    def __init__(self, module: nn.Module, predictor_of) -> None:
+    def __init__(self, module: nn.Module, predictor_of, distiller=None) -> None:
+        self.distiller = distiller
         self.runs = 0
         self.hidden_size = module.weight.shape[-1] if hasattr(module, "weight") else None
         self.ep_group = None
@@ -88,18 +104,36 @@ class EntryHook:
             self.ep_group = getattr(self._moe_of(), "ep_group", None)
         link(self)
         self.runs += 1
-        if not active(nxt):
+        if not active(nxt, AHEAD):
             return
-        error, x_TH, counts = None, None, torch.zeros(nxt.num_experts, dtype=torch.int64, device=h.device)
+        learned = nxt.replication.predictor == "learned"
+        layers = chain(nxt) if learned else [nxt]
+        if learned and self.distiller is None:
+            raise RuntimeError("moe_replication.predictor is 'learned' but no predictor was loaded: call "
+                               "configure_replication(model, ds_config) after setting learned_path")
+        if learned and (self.distiller.num_layers != len(layers)
+                        or any(layer.num_experts != self.distiller.num_experts for layer in layers)):
+            raise ValueError(f"moe_replication.learned_path: the predictor covers {self.distiller.num_layers} layers "
+                             f"of {self.distiller.num_experts} experts, the model runs {len(layers)} MoE layers of "
+                             f"{[layer.num_experts for layer in layers]}")
+        error, x_TH = None, None
+        counts = torch.zeros(sum(layer.num_experts for layer in layers), dtype=torch.int64, device=h.device)
         try:
             x_TH = h.detach().reshape(-1, nxt.hidden_size)
-            counts = predict_counts(nxt, x_TH)
+            if learned:
+                counts = self.distiller.to(x_TH.device).predict_counts(x_TH).reshape(-1)
+            else:
+                counts = predict_counts(nxt, x_TH)
         except Exception as err:  # noqa: BLE001 - re-raised on every rank by gather_step
             error = err
         empty = torch.zeros(0, dtype=torch.int64, device=h.device)
         g = gather_step(empty, 0 if x_TH is None else x_TH.shape[0], error, nxt.ep_group, lookahead_E=counts)
-        nxt.controller.prefetch(g.lookahead_WE.sum(axis=0), nxt.experts.deepspeed_experts, group_rank(nxt.ep_group),
-                                nxt.ep_group)
+        predicted = g.lookahead_WE.sum(axis=0)
+        start = 0
+        for layer in layers:
+            layer.controller.prefetch(predicted[start:start + layer.num_experts], layer.experts.deepspeed_experts,
+                                      group_rank(layer.ep_group), layer.ep_group)
+            start += layer.num_experts
 
 
 _entries: "weakref.WeakKeyDictionary[nn.Module, EntryHook]" = weakref.WeakKeyDictionary()
@@ -116,11 +150,13 @@ def find_entry(model: nn.Module) -> Optional[nn.Module]:
     return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
 
 
-def attach_entry(model: nn.Module, first_layer_of) -> Optional[EntryHook]:
-    """Put (once) an ``EntryHook`` on the model's input embeddings; returns it (None if none)."""
+def attach_entry(model: nn.Module, first_layer_of, distiller=None) -> Optional[EntryHook]:
+    """Put (once) an ``EntryHook`` on the model's input embeddings and give it ``distiller``;
+    returns it (None if the model has no embedding module)."""
     entry = find_entry(model)
     if entry is None:
         return None
     if entry not in _entries:
         _entries[entry] = EntryHook(entry, first_layer_of)
+    _entries[entry].distiller = distiller
     return _entries[entry]

@@ -23,7 +23,7 @@ from torch import nn
 
 from .bench.common import expert_mlp
 
-__all__ = ["TinySwitchConfig", "TinySwitch", "topic_tokens"]
+__all__ = ["TinySwitchConfig", "TinySwitch", "topic_tokens", "build_tiny_switch"]
 
 
 @dataclass(frozen=True)
@@ -118,3 +118,29 @@ def topic_tokens(cfg: TinySwitchConfig, batch: int, seq: int, topic_share: float
     chosen = torch.rand(batch, seq, generator=g) < topic_share
     topical = torch.randint(0, cfg.topic_tokens, (batch, seq), generator=g) + topic * cfg.topic_tokens
     return torch.where(chosen, topical, tokens)
+
+
+def build_tiny_switch(cfg: TinySwitchConfig, ep_size: int, replicated: bool = False, capacity: bool = False,
+                      set_groups: bool = True) -> TinySwitch:
+    """The model with ``ReplicatedMoE`` layers (replication off until configured) if
+    ``replicated``, else stock ``deepspeed.moe.layer.MoE`` ones, dropless unless ``capacity``
+    (then capacity factor 1.0); expert-parallel groups set unless ``set_groups`` is False
+    (``deepspeed.initialize`` sets them); in eval mode."""
+    from deepspeed.moe.layer import MoE
+
+    from .layer import ReplicatedMoE
+
+    def factory(hidden, expert, num_experts, k):
+        common = dict(num_experts=num_experts, ep_size=ep_size, k=k, use_rts=False, top2_2nd_expert_sampling=False)
+        if replicated:
+            return ReplicatedMoE(hidden, expert, drop_tokens=False, **common)
+        if capacity:
+            return MoE(hidden, expert, drop_tokens=True, capacity_factor=1.0, eval_capacity_factor=1.0,
+                       min_capacity=4, **common)
+        return MoE(hidden, expert, drop_tokens=False, **common)
+
+    model = TinySwitch(cfg, factory)
+    if set_groups:
+        for layer in model.moe_layers():
+            layer.set_deepspeed_parallelism()
+    return model.eval()

@@ -258,16 +258,26 @@ def deepspeed_initialize_toggle(rank):
 def predictor_run(rank, predictor, steps=6, late_rank=None, late_step=None):
     """Tiny Switch-style model, topics alternating per batch: stock vs ReplicatedMoE with
     ``predictor``. Returns per step and MoE layer (diff, version, phy2log, balancedness, late)."""
-    from ds_moe_replicate.bench.predictors import _model
     from ds_moe_replicate.layer import configure_replication
-    from ds_moe_replicate.tiny_switch import TinySwitchConfig, topic_tokens
+    from ds_moe_replicate.tiny_switch import TinySwitchConfig, build_tiny_switch, topic_tokens
 
     cfg = TinySwitchConfig(hidden=32, ffn=64, blocks=4, num_experts=4, vocab=256, topic_tokens=32)
-    stock = _model(cfg, dist.get_world_size(), replicated=False)
-    rep = _model(cfg, dist.get_world_size(), replicated=True)
+    stock = build_tiny_switch(cfg, dist.get_world_size(), replicated=False)
+    rep = build_tiny_switch(cfg, dist.get_world_size(), replicated=True)
     rep.load_state_dict(stock.state_dict(), strict=True)
+    learned_path = None
+    if predictor == "learned":
+        import os
+        import tempfile
+
+        from ds_moe_replicate.train_predictor import distill
+
+        box = [os.path.join(tempfile.mkdtemp(), "predictor.pt")]
+        dist.broadcast_object_list(box, src=0)
+        learned_path = box[0]
+        distill(stock, cfg, learned_path, batches=4, batch=2, seq=48, epochs=30)
     configure_replication(rep, {"moe_replication": {"enabled": True, "slots_per_rank": 1, "replan_interval": 2,
-                                                    "predictor": predictor}})
+                                                    "predictor": predictor, "learned_path": learned_path}})
     out = []
     for step in range(steps):
         if late_step is not None and step == late_step and rank == late_rank:

@@ -7,14 +7,14 @@ import moe_workers as mw
 from ds_moe_replicate.testing import run_ranks
 
 
-@pytest.mark.parametrize("predictor", ["ema", "window", "lookahead", "oracle"])
+@pytest.mark.parametrize("predictor", ["ema", "window", "lookahead", "learned", "oracle"])
 def test_every_predictor_is_exact_and_ranks_agree(predictor):
     r0, r1 = run_ranks(mw.predictor_run, 2, predictor)
     assert max(rec[2] for rec in r0 + r1) <= 1e-5
     # Same plan version and the same placement on both ranks at every step and layer.
     assert [rec[3:5] for rec in r0] == [rec[3:5] for rec in r1]
     assert max(rec[3] for rec in r0) >= 1  # a plan was made and used
-    if predictor in ("lookahead", "oracle"):
+    if predictor in ("lookahead", "learned", "oracle"):
         # Topics alternate every batch; layer 1 is predicted for this very batch.
         later = [rec for rec in r0 if rec[1] == 1 and rec[0] >= 2]
         assert min(rec[5] for rec in later) >= 0.9

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import tempfile
 from typing import Dict, List
 
 import numpy as np
@@ -24,27 +26,14 @@ import torch
 import torch.distributed as dist
 
 from ..config import ReplicationConfig
-from ..layer import ReplicatedMoE, configure_replication
+from ..layer import configure_replication
 from ..planner import plan_replicas
-from ..tiny_switch import TinySwitch, TinySwitchConfig, topic_tokens
+from ..tiny_switch import TinySwitchConfig, build_tiny_switch, topic_tokens
+from ..train_predictor import distill
 from .common import device_for_rank, init_distributed, median, timed
 
-PREDICTORS = ("ema", "window", "lookahead", "oracle")
+PREDICTORS = ("ema", "window", "lookahead", "learned", "oracle")
 WORKLOADS = ("switching", "steady")
-
-
-def _model(cfg: TinySwitchConfig, ep_size: int, replicated: bool) -> TinySwitch:
-    from deepspeed.moe.layer import MoE
-
-    def factory(hidden, expert, num_experts, k):
-        cls = ReplicatedMoE if replicated else MoE
-        return cls(hidden, expert, num_experts=num_experts, ep_size=ep_size, k=k, drop_tokens=False, use_rts=False,
-                   top2_2nd_expert_sampling=False)
-
-    model = TinySwitch(cfg, factory)
-    for layer in model.moe_layers():
-        layer.set_deepspeed_parallelism()
-    return model.eval()
 
 
 def _oracle_balance(counts_E: torch.Tensor, ep_size: int, slots: int) -> float:
@@ -54,13 +43,20 @@ def _oracle_balance(counts_E: torch.Tensor, ep_size: int, slots: int) -> float:
 def run_workload(workload: str, cfg: TinySwitchConfig, base: Dict, predictors: List[str], batch: int, seq: int,
                  share: float, warmup: int, steps: int, device) -> List[Dict]:
     W, rank = dist.get_world_size(), dist.get_rank()
-    models = {"stock": _model(cfg, W, replicated=False).to(device)}
+    models = {"stock": build_tiny_switch(cfg, W, replicated=False).to(device)}
     state = models["stock"].state_dict()
     records: Dict[str, list] = {}
+    learned_path = None
+    if "learned" in predictors:
+        # Distil the learned predictor from this model's routers (on other batches than the timed ones).
+        box = [os.path.join(tempfile.gettempdir(), f"ds_moe_learned_{os.getpid()}.pt")]
+        dist.broadcast_object_list(box, src=0)
+        learned_path = box[0]
+        distill(models["stock"], cfg, learned_path, batches=4, batch=batch, seq=seq, topic_share=share, device=device)
     for name in predictors:
-        model = _model(cfg, W, replicated=True).to(device)
+        model = build_tiny_switch(cfg, W, replicated=True).to(device)
         model.load_state_dict(state, strict=True)
-        configure_replication(model, {"moe_replication": dict(base, predictor=name)})
+        configure_replication(model, {"moe_replication": dict(base, predictor=name, learned_path=learned_path)})
         records[name] = []
         for layer in model.moe_layers():
             layer.register_stats_hook(lambda s, n=name: records[n].append(s))
