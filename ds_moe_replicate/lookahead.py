@@ -52,7 +52,7 @@ def link(node) -> None:
 def predict_counts(layer, x_TH: torch.Tensor) -> torch.Tensor:
     """int64 [E] routes ``layer``'s gate would send to each expert for tokens ``x_TH``."""
     with torch.no_grad():
-        expert_TK = route(layer.gate, x_TH).expert_TK
+        expert_TK = route(layer.gate, x_TH, kernels=layer.replication.kernels).expert_TK
     return torch.bincount(expert_TK[expert_TK >= 0], minlength=layer.num_experts)
 
 

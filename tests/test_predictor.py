@@ -57,3 +57,45 @@ def test_hooks_register_and_remove():
     assert seen == [("a", 1), ("b", 1), ("b", 2)]
     with pytest.raises(TypeError, match="callable"):
         hooks.register(3)
+
+
+def _run(predictor, trace):
+    """Feed a trace of counts; returns the predicted hottest expert before each step (None first)."""
+    guesses = []
+    for counts in trace:
+        pred = predictor.predict()
+        guesses.append(None if pred is None else int(np.argmax(pred)))
+        predictor.observe(np.asarray(counts, dtype=float))
+    return guesses
+
+
+def _hot(expert, n=8, hot=70.0, rest=5.0):
+    row = np.full(n, rest)
+    row[expert] = hot
+    return row
+
+
+def test_drifting_hot_expert_is_followed_with_a_short_lag():
+    # The hot expert moves one place every 6 steps.
+    trace = [_hot((t // 6) % 8) for t in range(36)]
+    for predictor in (EmaPredictor(0.5), WindowPredictor(2)):
+        guesses = _run(predictor, trace)
+        right = [g == (t // 6) % 8 for t, g in enumerate(guesses) if t % 6 >= 2]
+        assert all(right), guesses
+
+
+def test_periodic_switching_defeats_history():
+    # Topics alternate every step: the history's favourite is the previous step's topic (EMA)
+    # or a tie (window of 2); either way it is right at most half the time.
+    trace = [_hot(0 if t % 2 == 0 else 5) for t in range(20)]
+    for predictor in (EmaPredictor(0.5), WindowPredictor(2)):
+        guesses = _run(predictor, trace)[2:]
+        truth = [0 if t % 2 == 0 else 5 for t in range(2, 20)]
+        assert sum(g == t for g, t in zip(guesses, truth)) <= len(truth) // 2 + 1
+
+
+def test_topic_switch_recovers_within_a_few_steps():
+    trace = [_hot(1)] * 10 + [_hot(6)] * 10
+    guesses = _run(EmaPredictor(0.5), trace)
+    assert guesses[10] == 1  # the switch cannot be seen coming
+    assert all(g == 6 for g in guesses[12:])
