@@ -21,7 +21,8 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-from .bench.common import device_for_rank, init_distributed, median, rank_balance, timed
+from .bench.common import add_tiny_switch_args, device_for_rank, init_distributed, markdown_table, median, \
+    rank_balance, report, timed
 from .config import ReplicationConfig
 from .layer import configure_replication
 from .tiny_switch import TinySwitch, TinySwitchConfig, build_tiny_switch, topic_tokens
@@ -116,22 +117,19 @@ def run(args, ds_config: Dict) -> List[Dict]:
                              dropped_tokens=dropped[mode], max_abs_diff=float(t), ms_all=times[mode]))
         if rank == 0:
             print(f"[infer] {name}: " + ", ".join(f"{m} {median(times[m]):.1f} ms" for m in MODES), flush=True)
-    if rank == 0:
-        print(f"\nTiny Switch-style model: {cfg.blocks} blocks ({cfg.blocks // 2} MoE), H={cfg.hidden}, F={cfg.ffn}, "
-              f"E={cfg.num_experts}, k={cfg.k}, {tokens} tokens/rank, EP={W} on {device.type}; {args.steps} timed "
-              f"forwards per mode after {args.warmup} warm-up; {n_layers} ReplicatedMoE layers with "
-              f"moe_replication={replication.model_dump()}")
-        print(table(rows))
+    report(f"Tiny Switch-style model: {cfg.blocks} blocks ({cfg.blocks // 2} MoE), H={cfg.hidden}, F={cfg.ffn}, "
+           f"E={cfg.num_experts}, k={cfg.k}, {tokens} tokens/rank, EP={W} on {device.type}; {args.steps} timed "
+           f"forwards per mode after {args.warmup} warm-up; {n_layers} ReplicatedMoE layers with "
+           f"moe_replication={replication.model_dump()}", table(rows), rows, args.json)
     return rows
 
 
 def table(rows: List[Dict]) -> str:
-    lines = ["| workload | hottest expert (max over layers) | mode | ms / forward | speed-up vs stock | balancedness | "
-             "dropped tokens | max abs diff vs stock |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['workload']} | {r['hottest_share']:.0%} | {r['mode']} | {r['ms']:.1f} | "
-                     f"{r['speedup']:.2f}x | {r['balancedness']:.2f} | {r['dropped_tokens']} | {r['max_abs_diff']:.1e} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["workload", "hottest expert (max over layers)", "mode", "ms / forward", "speed-up vs stock", "balancedness",
+         "dropped tokens", "max abs diff vs stock"],
+        [[r["workload"], f"{r['hottest_share']:.0%}", r["mode"], f"{r['ms']:.1f}", f"{r['speedup']:.2f}x",
+          f"{r['balancedness']:.2f}", r["dropped_tokens"], f"{r['max_abs_diff']:.1e}"] for r in rows])
 
 
 def main(argv=None) -> int:
@@ -141,12 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--topic-shares", default="0,0.35,0.7",
                     help="comma-separated shares of topic tokens per batch, one workload each (0 = the model's own "
                          "routing; topic tokens go to one hot expert per MoE layer)")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--ffn", type=int, default=1024)
-    ap.add_argument("--blocks", type=int, default=4)
-    ap.add_argument("--experts", type=int, default=8)
+    add_tiny_switch_args(ap)
     ap.add_argument("-k", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
@@ -164,10 +157,7 @@ def main(argv=None) -> int:
     init_distributed()
     if args.experts % dist.get_world_size():
         ap.error(f"--experts ({args.experts}) must be divisible by the number of ranks ({dist.get_world_size()})")
-    rows = run(args, ds_config)
-    if args.json and dist.get_rank() == 0:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    run(args, ds_config)
     return 0
 
 

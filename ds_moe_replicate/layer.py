@@ -93,8 +93,8 @@ class ReplicatedMOELayer(MOELayer):
         taken = routes.expert_TK[routes.expert_TK >= 0]
         return x_TH, routes, torch.bincount(taken, minlength=self.num_experts)
 
-    def _run_slots(self, rows_MH: torch.Tensor, slot_rows_C, placement: Placement, rank: int) -> torch.Tensor:
-        C, e_loc = placement.slots_per_rank_total, placement.experts_per_rank
+    def _run_slots(self, rows_MH: torch.Tensor, slot_rows_C, placement: Placement) -> torch.Tensor:
+        e_loc = placement.experts_per_rank
         out = torch.empty_like(rows_MH)
         start = 0
         for j, n in enumerate(slot_rows_C):
@@ -187,7 +187,7 @@ class ReplicatedMOELayer(MOELayer):
         rows_MH, meta = dispatch(x_TH, expert_TK, send_WP, placement, rank, group, kernels=self.replication.kernels)
         expert_error = None
         try:
-            y_MH = self._run_slots(rows_MH, meta.slot_rows_C, placement, rank)
+            y_MH = self._run_slots(rows_MH, meta.slot_rows_C, placement)
         except Exception as err:  # noqa: BLE001 - reported to every rank through combine
             expert_error, y_MH = err, torch.zeros_like(rows_MH)
         out_TH, failed = combine(y_MH, weight_TK, meta, group, failed=expert_error is not None,

@@ -53,19 +53,14 @@ def distill(model: TinySwitch, cfg: TinySwitchConfig, out: str, batches: int = 8
 
 
 def main(argv=None) -> int:
-    from .bench.common import device_for_rank, init_distributed
+    from .bench.common import add_tiny_switch_args, device_for_rank, init_distributed
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="where to save the predictor (moe_replication.learned_path)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--batches", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batches", type=int, default=8, help="recorded batches per rank")
     ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--ffn", type=int, default=1024)
-    ap.add_argument("--blocks", type=int, default=4)
-    ap.add_argument("--experts", type=int, default=8)
+    add_tiny_switch_args(ap)
     args = ap.parse_args(argv)
     init_distributed()
     cfg = TinySwitchConfig(hidden=args.hidden, ffn=args.ffn, blocks=args.blocks, num_experts=args.experts)

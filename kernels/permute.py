@@ -60,7 +60,7 @@ def permute(x_TH: torch.Tensor, order_N: torch.Tensor, k: int) -> torch.Tensor:
     check("order_N", order_N, (torch.int64,), 1, x_TH.device)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    N, (T, H) = order_N.numel(), x_TH.shape
+    N, H = order_N.numel(), x_TH.shape[1]
     out_NH = torch.empty(N, H, dtype=x_TH.dtype, device=x_TH.device)
     if N == 0 or H == 0:
         return out_NH

@@ -1,6 +1,5 @@
 """Replica slots: transfer lists, weight views, and real moves between ranks with encoded weights."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

@@ -134,3 +134,32 @@ def device_for_rank() -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def markdown_table(header: List[str], rows: List[List[str]]) -> str:
+    """A markdown table from a header and rows of already formatted cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(settings: str, table_md: str, rows: List[Any], json_path: Optional[str]) -> None:
+    """On rank 0: print what was compared on which settings, the table, and save the rows as JSON."""
+    import json
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    print(f"\n{settings}\n{table_md}", flush=True)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+def add_tiny_switch_args(ap, batch: int = 4, seq: int = 512) -> None:
+    """The command-line sizes of the built-in Switch-style model (TinySwitchConfig)."""
+    ap.add_argument("--batch", type=int, default=batch, help="sequences per rank per forward")
+    ap.add_argument("--seq", type=int, default=seq, help="tokens per sequence")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--ffn", type=int, default=1024)
+    ap.add_argument("--blocks", type=int, default=4, help="blocks; every other one is an MoE layer")
+    ap.add_argument("--experts", type=int, default=8)

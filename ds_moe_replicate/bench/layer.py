@@ -9,14 +9,13 @@ pair of outputs is compared too.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 
-from .common import build_pair, device_for_rank, init_distributed, median, rank_balance, share_for_hottest, steer, \
-    timed
+from .common import build_pair, device_for_rank, init_distributed, markdown_table, median, rank_balance, report, \
+    share_for_hottest, steer, timed
 
 WORKLOADS = {"uniform": None, "hot43": 0.43, "hot76": 0.76}
 
@@ -70,13 +69,12 @@ def bench_layer(hidden: int, ffn: int, num_experts: int, tokens: int, k: int, wo
 
 
 def table(rows: List[Dict]) -> str:
-    lines = ["| workload | hottest expert share | stock ms | ours ms | speed-up | stock balancedness | "
-             "ours balancedness | max abs diff |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['workload']} | {r['hottest_share']:.0%} | {r['stock_ms']:.1f} | {r['ours_ms']:.1f} | "
-                     f"{r['speedup']:.2f}x | {r['stock_balancedness']:.2f} | {r['ours_balancedness']:.2f} | "
-                     f"{r['max_abs_diff']:.1e} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["workload", "hottest expert share", "stock ms", "ours ms", "speed-up", "stock balancedness",
+         "ours balancedness", "max abs diff"],
+        [[r["workload"], f"{r['hottest_share']:.0%}", f"{r['stock_ms']:.1f}", f"{r['ours_ms']:.1f}",
+          f"{r['speedup']:.2f}x", f"{r['stock_balancedness']:.2f}", f"{r['ours_balancedness']:.2f}",
+          f"{r['max_abs_diff']:.1e}"] for r in rows])
 
 
 def main(argv=None) -> int:
@@ -107,15 +105,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"--workloads: unknown {bad}; choose from {sorted(WORKLOADS)}")
     rows = bench_layer(args.hidden, args.ffn, args.experts, args.tokens, args.k, workloads, args.warmup,
                        args.repeats, cfg.model_dump())
-    if dist.get_rank() == 0:
-        print(f"\nReplicatedMoE vs stock deepspeed.moe.layer.MoE (dropless), EP={dist.get_world_size()}, "
-              f"E={args.experts}, H={args.hidden}, F={args.ffn}, {args.tokens} tokens/rank, k={args.k}, "
-              f"{args.repeats} timed forwards each after {args.warmup} warm-up, "
-              f"device={device_for_rank().type}, replication={cfg.model_dump()}")
-        print(table(rows))
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(rows, fh, indent=1)
+    report(f"ReplicatedMoE vs stock deepspeed.moe.layer.MoE (dropless), EP={dist.get_world_size()}, "
+           f"E={args.experts}, H={args.hidden}, F={args.ffn}, {args.tokens} tokens/rank, k={args.k}, "
+           f"{args.repeats} timed forwards each after {args.warmup} warm-up, "
+           f"device={device_for_rank().type}, replication={cfg.model_dump()}", table(rows), rows, args.json)
     return 0
 
 

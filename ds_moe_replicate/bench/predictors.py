@@ -15,7 +15,6 @@ Workloads: ``switching`` (the hot topic alternates every batch) and ``steady`` (
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import tempfile
@@ -30,7 +29,7 @@ from ..layer import configure_replication
 from ..planner import plan_replicas
 from ..tiny_switch import TinySwitchConfig, build_tiny_switch, topic_tokens
 from ..train_predictor import distill
-from .common import device_for_rank, init_distributed, median, timed
+from .common import add_tiny_switch_args, device_for_rank, init_distributed, markdown_table, median, report, timed
 
 PREDICTORS = ("ema", "window", "lookahead", "learned", "oracle")
 WORKLOADS = ("switching", "steady")
@@ -111,19 +110,16 @@ def run_workload(workload: str, cfg: TinySwitchConfig, base: Dict, predictors: L
 
 
 def table(rows: List[Dict]) -> str:
-    lines = ["| workload | mode | ms / forward | balancedness | oracle plan's | per layer | L1 error | hot recall | "
-             "exposed wait | late steps | max abs diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-
     def f(v, fmt):
         return "-" if isinstance(v, float) and math.isnan(v) else format(v, fmt)
 
-    for r in rows:
-        per_layer = " / ".join(f"{b:.2f}" for b in r["per_layer_balancedness"]) or "-"
-        lines.append(f"| {r['workload']} | {r['mode']} | {r['ms']:.1f} | {f(r['balancedness'], '.3f')} | "
-                     f"{f(r['oracle_balancedness'], '.3f')} | {per_layer} | {f(r['prediction_l1'], '.3f')} | "
-                     f"{f(r['hot_recall'], '.2f')} | {r['exposed_wait_share']:.1%} | {r['late_steps']} | "
-                     f"{r['max_abs_diff']:.1e} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["workload", "mode", "ms / forward", "balancedness", "oracle plan's", "per layer", "L1 error", "hot recall",
+         "exposed wait", "late steps", "max abs diff"],
+        [[r["workload"], r["mode"], f"{r['ms']:.1f}", f(r["balancedness"], ".3f"), f(r["oracle_balancedness"], ".3f"),
+          " / ".join(f"{b:.2f}" for b in r["per_layer_balancedness"]) or "-", f(r["prediction_l1"], ".3f"),
+          f(r["hot_recall"], ".2f"), f"{r['exposed_wait_share']:.1%}", r["late_steps"], f"{r['max_abs_diff']:.1e}"]
+         for r in rows])
 
 
 def main(argv=None) -> int:
@@ -134,12 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--predictors", default=",".join(PREDICTORS))
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--topic-share", type=float, default=0.7, help="share of topic tokens per batch")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--ffn", type=int, default=1024)
-    ap.add_argument("--blocks", type=int, default=4)
-    ap.add_argument("--experts", type=int, default=8)
+    add_tiny_switch_args(ap)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--json", default=None)
@@ -162,15 +153,11 @@ def main(argv=None) -> int:
                              args.steps, device)
         if dist.get_rank() == 0:
             print(f"[bench] {w} done", flush=True)
-    if dist.get_rank() == 0:
-        print(f"\nPredictors on a tiny Switch-style model: {cfg.blocks // 2} MoE layers, E={cfg.num_experts}, "
-              f"H={cfg.hidden}, F={cfg.ffn}, {args.batch * args.seq} tokens/rank, EP={dist.get_world_size()}, "
-              f"topic share {args.topic_share:.0%}; {args.steps} timed forwards per mode after {args.warmup} "
-              f"warm-up, modes round-robin on identical batches; base moe_replication={base}")
-        print(table(rows))
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(rows, fh, indent=1)
+    report(f"Predictors on a tiny Switch-style model: {cfg.blocks // 2} MoE layers, E={cfg.num_experts}, "
+           f"H={cfg.hidden}, F={cfg.ffn}, {args.batch * args.seq} tokens/rank, EP={dist.get_world_size()}, "
+           f"topic share {args.topic_share:.0%}; {args.steps} timed forwards per mode after {args.warmup} "
+           f"warm-up, modes round-robin on identical batches; base moe_replication={base}", table(rows), rows,
+           args.json)
     return 0
 
 
