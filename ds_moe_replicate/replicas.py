@@ -138,7 +138,7 @@ class ReplicaStore:
                     flat_of[t.expert] = self.flatten(home_experts[t.expert - rank * e_loc]).to(self.buffers.dtype)
                 keep.append(flat_of[t.expert])
                 reqs.append(dist.isend(flat_of[t.expert], dst=global_rank(group, t.dst), group=group))
-        self._pending = _Pending(new, reqs, slots, keep)
+        self._pending = _Pending(new, reqs, slots, keep, self.buffers.device)
         return len(slots) * self.bytes_per_replica
 
     def poll(self) -> bool:
@@ -172,8 +172,8 @@ class _Pending:
     """Requests of one prefetch, waited for on a background thread so that ``poll`` can tell
     when they are done (gloo's requests do not report completion until waited on)."""
 
-    def __init__(self, placement: Placement, reqs: list, slots: List[int], keep: list) -> None:
-        self.placement, self.reqs, self.slots, self.keep = placement, reqs, slots, keep
+    def __init__(self, placement: Placement, reqs: list, slots: List[int], keep: list, device: torch.device) -> None:
+        self.placement, self.reqs, self.slots, self.keep, self.device = placement, reqs, slots, keep, device
         self.done = threading.Event()
         self.error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._wait_all, daemon=True)
@@ -181,6 +181,9 @@ class _Pending:
 
     def _wait_all(self) -> None:
         try:
+            if self.device.type == "cuda":
+                # NOTE: a new thread starts on device 0; the wait must order this rank's stream.
+                torch.cuda.set_device(self.device)
             for req in self.reqs:
                 req.wait()
         except BaseException as err:  # noqa: BLE001 - re-raised by wait() on the caller's thread
