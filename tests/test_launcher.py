@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ds_moe_replicate.testing import free_port, remove_shm_buffers
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,10 +20,14 @@ def test_main_job_through_the_deepspeed_launcher(tmp_path):
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     out = tmp_path / "rows.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "launch/infer.py",
+    port = free_port()
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(port), "launch/infer.py",
            "--deepspeed_config", "configs/demo.json", "--batch", "2", "--seq", "64", "--hidden", "32", "--ffn", "64",
            "--warmup", "5", "--steps", "2", "--topic-shares", "0,0.7", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        remove_shm_buffers(port)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| topic 70% |" in proc.stdout and "replicated" in proc.stdout
     rows = json.loads(out.read_text())
@@ -34,8 +40,3 @@ def test_main_job_through_the_deepspeed_launcher(tmp_path):
     assert hot["balancedness"] > stock["balancedness"]
     assert next(r for r in rows if r["mode"] == "stock_capacity" and r["workload"] == "topic 70%")["dropped_tokens"] > 0
 
-
-def _free_port():
-    from ds_moe_replicate.testing import free_port
-
-    return free_port()
