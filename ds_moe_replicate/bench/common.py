@@ -118,11 +118,18 @@ def rank_balance(counts_E: torch.Tensor, ep_size: int) -> float:
 
 
 def init_distributed() -> None:
-    """Initialise ``deepspeed.comm`` as the ``deepspeed`` launcher expects: NCCL on GPUs, gloo on CPU."""
+    """Initialise ``deepspeed.comm`` as the ``deepspeed`` launcher expects: NCCL on GPUs, gloo on CPU.
+
+    On CPU, DeepSpeed's shared-memory all-reduce op is not loaded: these jobs exchange through
+    all-gather and all-to-all, and the op leaves a 69 MB file per rank and port in /dev/shm.
+    """
     import deepspeed
+    import deepspeed.ops
 
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "gloo":
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
