@@ -14,8 +14,10 @@ Legend: S replica slots per rank, C slots per rank (E_loc + S).
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -178,6 +180,7 @@ class _Pending:
         self.error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._wait_all, daemon=True)
         self._thread.start()
+        _IN_FLIGHT.add(self)
 
     def _wait_all(self) -> None:
         try:
@@ -195,3 +198,15 @@ class _Pending:
         self._thread.join()
         if self.error is not None:
             raise RuntimeError(f"replica weight transfer failed: {self.error}") from self.error
+
+
+_IN_FLIGHT: "weakref.WeakSet[_Pending]" = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_in_flight() -> None:
+    # NOTE: a transfer still in flight when the interpreter exits would leave its waiting thread
+    # inside the communication library during teardown (the process then aborts); give the
+    # transfers (normally done already) a bounded time to finish.
+    for pending in list(_IN_FLIGHT):
+        pending._thread.join(timeout=10.0)
