@@ -16,6 +16,9 @@ import torch
 # Read with the import of this package, which imports triton (kernels/__init__.py).
 _INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
+# Row dtypes the data-moving kernels accept.
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
 __all__ = ["interpreting", "check", "tuned", "forced", "next_pow2", "cdiv", "device_name", "TUNED_PATH"]
 
 TUNED_PATH = Path(__file__).with_name("tuned.json")

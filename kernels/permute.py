@@ -13,12 +13,11 @@ from __future__ import annotations
 import torch
 
 from . import HAS_TRITON
-from ._launch import cdiv, check, next_pow2, tuned
+from ._launch import FLOATS, cdiv, check, next_pow2, tuned
 
 __all__ = ["permute", "permute_torch"]
 
 DEFAULTS = {"BLOCK_N": 32, "BLOCK_H": 128, "num_warps": 4}
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 if HAS_TRITON:
     import triton
