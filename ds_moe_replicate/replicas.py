@@ -204,7 +204,8 @@ _IN_FLIGHT: "weakref.WeakSet[_Pending]" = weakref.WeakSet()
 
 
 @atexit.register
-def _finish_in_flight() -> None:
+def finish_in_flight() -> None:
+    """Wait (10 s at most each) for replica transfers still in flight; called at exit."""
     # NOTE: a transfer still in flight when the interpreter exits would leave its waiting thread
     # inside the communication library during teardown (the process then aborts); give the
     # transfers (normally done already) a bounded time to finish.

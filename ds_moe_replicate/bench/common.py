@@ -6,6 +6,7 @@ Legend: T tokens, H hidden, F expert FFN size, E logical experts, W expert-paral
 from __future__ import annotations
 
 import statistics
+import atexit
 import os
 from typing import Any, List, Mapping, Optional, Tuple
 
@@ -131,8 +132,20 @@ def init_distributed() -> None:
         if backend == "gloo":
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        atexit.register(_finish_distributed)
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def _finish_distributed() -> None:
+    # NOTE: tearing the process group down explicitly, after any replica transfer still in
+    # flight, avoids an abort ("terminate called without an active exception") when the
+    # interpreter destroys gloo's threads on its own at exit.
+    from ..replicas import finish_in_flight
+
+    finish_in_flight()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def device_for_rank() -> torch.device:
