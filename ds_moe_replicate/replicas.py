@@ -155,19 +155,12 @@ class ReplicaStore:
         """
         if self._pending is None:
             return None, 0.0
-        pending, waited_ms = self._finish()
-        self.current[pending.slots] = 1 - self.current[pending.slots]
-        return pending.placement, waited_ms
-
-    def discard(self) -> float:
-        """Finish the transfers in flight without using them; returns ms waited."""
-        return self._finish()[1] if self._pending is not None else 0.0
-
-    def _finish(self):
         pending, self._pending = self._pending, None
         t0 = time.perf_counter()
         pending.wait()
-        return pending, (time.perf_counter() - t0) * 1e3
+        waited_ms = (time.perf_counter() - t0) * 1e3
+        self.current[pending.slots] = 1 - self.current[pending.slots]
+        return pending.placement, waited_ms
 
 
 class _Pending:
