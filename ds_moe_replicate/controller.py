@@ -27,10 +27,11 @@ import torch
 from torch import nn
 
 from .config import ReplicationConfig
-from .dispatch import Placement
+from .placement import Placement
 from .planner import plan_replicas
 from .predictor import EmaPredictor, make_predictor
-from .replicas import ReplicaStore, plan_transfers
+from .placement import plan_transfers
+from .replicas import ReplicaStore
 
 __all__ = ["ReplicationController", "Traffic"]
 
@@ -102,7 +103,7 @@ class ReplicationController:
             self.settle(True)
         predicted_E = np.asarray(predicted_E, dtype=np.float64)
         plan = plan_replicas(predicted_E, self.ep_size, self.slots_per_rank)
-        new = Placement.from_plan(plan, version=self.placement.version + 1)
+        new = plan.placement(version=self.placement.version + 1)
         self._replanned = True
         if np.array_equal(new.phy2log_P, self.placement.phy2log_P):
             self.prediction = predicted_E

@@ -24,70 +24,10 @@ import torch
 
 from . import ops
 from .comm import all_to_all
-from .planner import ReplicaPlan, split_loads
+from .placement import Placement
+from .planner import split_loads
 
-__all__ = ["Placement", "transport", "capacity_transport", "DispatchMeta", "dispatch", "combine"]
-
-
-@dataclass(frozen=True)
-class Placement:
-    """One layer's physical slots (DESIGN.md layout), as NumPy arrays for the split arithmetic.
-
-    Attributes:
-        phy2log_P: logical expert of each physical slot (-1 empty).
-        log2phy_ER: slots of each expert in ascending slot order, -1 padded.
-        ep_size: W. experts_per_rank: E_loc. slots_per_rank: S.
-        version: plan version (0 = home placement).
-    """
-
-    phy2log_P: np.ndarray
-    log2phy_ER: np.ndarray
-    ep_size: int
-    experts_per_rank: int
-    slots_per_rank: int
-    version: int = 0
-
-    @property
-    def slots_per_rank_total(self) -> int:
-        return self.experts_per_rank + self.slots_per_rank
-
-    @property
-    def num_experts(self) -> int:
-        return self.ep_size * self.experts_per_rank
-
-    @property
-    def num_replicas(self) -> int:
-        return int((self.phy2log_P >= 0).sum()) - self.num_experts
-
-    @classmethod
-    def from_phy2log(cls, phy2log_P, ep_size: int, experts_per_rank: int, slots_per_rank: int,
-                     version: int = 0) -> "Placement":
-        phy = np.asarray(phy2log_P, dtype=np.int64).reshape(-1)
-        E = ep_size * experts_per_rank
-        order = np.argsort(np.where(phy >= 0, phy, E) * phy.size + np.arange(phy.size), kind="stable")
-        sorted_e = phy[order]
-        counts = np.bincount(sorted_e[sorted_e >= 0], minlength=E)
-        R = int(counts.max(initial=1))
-        log2phy = np.full((E, R), -1, dtype=np.int64)
-        start = np.cumsum(counts) - counts
-        valid = sorted_e >= 0
-        pos = np.arange(phy.size)[valid] - start[sorted_e[valid]]
-        log2phy[sorted_e[valid], pos] = order[valid]
-        phy.setflags(write=False)
-        log2phy.setflags(write=False)
-        return cls(phy, log2phy, ep_size, experts_per_rank, slots_per_rank, version)
-
-    @classmethod
-    def home(cls, num_experts: int, ep_size: int, slots_per_rank: int) -> "Placement":
-        e_loc = num_experts // ep_size
-        phy = np.full((ep_size, e_loc + slots_per_rank), -1, dtype=np.int64)
-        phy[:, :e_loc] = np.arange(num_experts).reshape(ep_size, e_loc)
-        return cls.from_phy2log(phy, ep_size, e_loc, slots_per_rank)
-
-    @classmethod
-    def from_plan(cls, plan: ReplicaPlan, layer: int = 0, version: int = 0) -> "Placement":
-        return cls.from_phy2log(plan.phy2log[layer].numpy(), plan.ep_size, plan.experts_per_rank,
-                                plan.slots_per_rank, version)
+__all__ = ["transport", "capacity_transport", "DispatchMeta", "dispatch", "combine"]
 
 
 def transport(counts_WE: np.ndarray, placement: Placement, prefer_local: bool = True) -> np.ndarray:

@@ -21,10 +21,12 @@ a fraction of torch's at these sizes (24 layers x 256 experts x 64 ranks re-plan
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 import torch
+
+from .placement import Placement, log2phy_of
 
 ArrayLike = Union[torch.Tensor, np.ndarray, Sequence[float], Sequence[Sequence[float]]]
 
@@ -52,7 +54,8 @@ class ReplicaPlan:
 
     Attributes:
         phy2log: [L, P] int64, logical expert held by each physical slot (-1: empty replica slot).
-        log2phy: [L, E, R] int64, physical slots holding each expert, home slot first, -1 padded.
+        log2phy: [L, E, R] int64, physical slots holding each expert in ascending slot order
+            (the one order of ``placement.py``), -1 padded.
         logcnt: [L, E] int64, number of copies of each expert (home included).
         slot_load: [L, P] planned tokens per physical slot (float64, or int64 from integral splits);
             each expert's slot loads add up to its load.
@@ -76,6 +79,11 @@ class ReplicaPlan:
     @property
     def num_experts(self) -> int:
         return self.logcnt.shape[1]
+
+    def placement(self, layer: int = 0, version: int = 0) -> Placement:
+        """Layer ``layer``'s slot layout as the ``Placement`` that dispatch and replicas read."""
+        return Placement.from_phy2log(self.phy2log[layer].numpy(), self.ep_size, self.experts_per_rank,
+                                      self.slots_per_rank, version)
 
     @property
     def experts_per_rank(self) -> int:
@@ -237,31 +245,9 @@ def _share_rounds(load_LE, slot_LP, rank_LW, copies_LER, ncop_LE, K, rounds: int
             _fill_expert(rows, order_LE[rows, i], load_LE, slot_LP, rank_LW, copies_LER, ncop_LE, K, fill)
 
 
-def _log2phy(phy2log_LP: np.ndarray, num_experts: int, ep_size: int, max_copies: Optional[int] = None):
-    """(log2phy [L, E, R], logcnt [L, E]): each expert's slots, home first, then by slot index.
-
-    R is ``max_copies``, or the largest copy count in the placement when None."""
-    L, P = phy2log_LP.shape
-    K = P // ep_size
-    is_home = (np.arange(P) % K) < num_experts // ep_size
-    empty = (num_experts + 1) * (P + 1)
-    key = np.where(phy2log_LP >= 0, phy2log_LP * (P + 1) + np.where(is_home, 0, np.arange(P) + 1), empty)
-    order_LP = np.argsort(key, axis=1, kind="stable")
-    sorted_e = np.take_along_axis(phy2log_LP, order_LP, axis=1)
-    flat = (np.arange(L)[:, None] * (num_experts + 1) + np.where(sorted_e >= 0, sorted_e, num_experts)).ravel()
-    logcnt_LE = np.bincount(flat, minlength=L * (num_experts + 1)).reshape(L, -1)[:, :num_experts]
-    start_LE = np.cumsum(logcnt_LE, axis=1) - logcnt_LE
-    pos = np.arange(P)[None, :] - np.take_along_axis(start_LE, np.maximum(sorted_e, 0), axis=1)
-    R = int(logcnt_LE.max(initial=1)) if max_copies is None else max_copies
-    log2phy_LER = np.full((L, num_experts, R), -1, dtype=np.int64)
-    li, ci = np.nonzero(sorted_e >= 0)
-    log2phy_LER[li, sorted_e[li, ci], pos[li, ci]] = order_LP[li, ci]
-    return log2phy_LER, logcnt_LE
-
-
 def _finish(phy2log_LP: np.ndarray, slot_LP: np.ndarray, num_experts: int, ep_size: int,
             slots_per_rank: int) -> ReplicaPlan:
-    log2phy, logcnt = _log2phy(phy2log_LP, num_experts, ep_size, _max_copies(ep_size, slots_per_rank))
+    log2phy, logcnt = log2phy_of(phy2log_LP, num_experts, _max_copies(ep_size, slots_per_rank))
     rank = slot_LP.reshape(slot_LP.shape[0], ep_size, -1).sum(axis=2)
     return ReplicaPlan(
         phy2log=torch.from_numpy(np.ascontiguousarray(phy2log_LP, dtype=np.int64)),
@@ -450,7 +436,7 @@ def split_loads(load: ArrayLike, phy2log: ArrayLike, ep_size: int, integral: boo
     if not np.array_equal(phy[:, home_E], np.broadcast_to(np.arange(E), (L, E))):
         raise ValueError("phy2log must keep every expert in its home slot (DeepSpeed's placement)")
     # A rank holds an expert at most once (distinct fill values keep padding from colliding).
-    copies_LER, ncop_LE = _log2phy(phy, E, ep_size)
+    copies_LER, ncop_LE = log2phy_of(phy, E)
     ranks = np.where(copies_LER >= 0, copies_LER // K, -1 - np.arange(copies_LER.shape[2]))
     if (np.diff(np.sort(ranks, axis=2), axis=2) == 0).any():
         raise ValueError("phy2log places two copies of one expert on the same rank")

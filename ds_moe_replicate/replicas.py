@@ -18,7 +18,6 @@ import atexit
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -27,28 +26,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .comm import global_rank
-from .dispatch import Placement
+from .placement import Placement, Transfer
 
-__all__ = ["ReplicaStore", "Transfer", "plan_transfers"]
-
-
-@dataclass(frozen=True)
-class Transfer:
-    """One replica's weights: expert ``expert`` from rank ``src`` into slot ``slot`` of rank ``dst``."""
-
-    expert: int
-    src: int
-    dst: int
-    slot: int
-
-
-def plan_transfers(old: Placement, new: Placement) -> List[Transfer]:
-    """Replica slots whose expert changes, in ascending physical slot order (the order in which
-    both ends post their sends and receives)."""
-    C, e_loc = new.slots_per_rank_total, new.experts_per_rank
-    p = np.nonzero((new.phy2log_P >= 0) & (new.phy2log_P != old.phy2log_P))[0]
-    return [Transfer(int(new.phy2log_P[i]), int(new.phy2log_P[i]) // e_loc, int(i) // C, int(i) % C - e_loc)
-            for i in p]
+__all__ = ["ReplicaStore"]
 
 
 class ReplicaStore:

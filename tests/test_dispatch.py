@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ds_moe_replicate.dispatch import Placement, _route_slots, capacity_transport, combine, dispatch, transport
+from ds_moe_replicate.placement import Placement
+from ds_moe_replicate.dispatch import _route_slots, capacity_transport, combine, dispatch, transport
 from ds_moe_replicate.planner import plan_replicas, split_loads
 
 
@@ -21,7 +22,7 @@ def placements(draw):
     counts = rng.integers(0, 60, (W, E)) * (rng.random((W, E)) < 0.7)
     counts[:, rng.integers(E)] += rng.integers(0, 200, W)
     plan = plan_replicas(rng.random(E) * 100 + np.eye(E)[rng.integers(E)] * 500, W, S)
-    return counts.astype(np.int64), Placement.from_plan(plan), draw(st.booleans())
+    return counts.astype(np.int64), plan.placement(), draw(st.booleans())
 
 
 @settings(max_examples=80, deadline=None)
@@ -76,7 +77,7 @@ def test_placement_layout():
     assert pl.phy2log_P.tolist() == [0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7, -1, -1]
     assert pl.num_replicas == 0 and pl.log2phy_ER[:, 0].tolist() == [0, 1, 4, 5, 8, 9, 12, 13]
     plan = plan_replicas([100.0, 1, 1, 1, 1, 1, 1, 1], 4, 2)
-    pl = Placement.from_plan(plan, version=3)
+    pl = plan.placement(version=3)
     assert pl.version == 3 and pl.num_replicas == int(plan.logcnt.sum()) - 8
     assert (pl.phy2log_P[pl.log2phy_ER[0][pl.log2phy_ER[0] >= 0]] == 0).all()
 

@@ -56,7 +56,9 @@ def check_plan(plan: ReplicaPlan, load: np.ndarray, W: int, S: int) -> None:
             slots = log2phy[l, e][log2phy[l, e] >= 0]
             assert slots.size == logcnt[l, e] == (phy[l] == e).sum()
             assert (log2phy[l, e, logcnt[l, e]:] == -1).all()
-            assert is_home[slots[0]] and slot_rank[slots[0]] == e // e_loc
+            assert (np.diff(slots) > 0).all(), "log2phy lists slots in ascending order"
+            home = slots[is_home[slots]]
+            assert home.size == 1 and slot_rank[home[0]] == e // e_loc
             assert (phy[l, slots] == e).all()
             # Conservation: an expert's copies share exactly its load.
             np.testing.assert_allclose(slot[l, slots].sum(), load[l, e], rtol=1e-9, atol=1e-6)

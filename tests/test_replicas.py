@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import moe_workers as mw
-from ds_moe_replicate.dispatch import Placement
-from ds_moe_replicate.replicas import ReplicaStore, Transfer, plan_transfers
+from ds_moe_replicate.placement import Placement, Transfer, plan_transfers
+from ds_moe_replicate.replicas import ReplicaStore
 from ds_moe_replicate.testing import run_ranks
 
 

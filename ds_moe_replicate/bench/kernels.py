@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..dispatch import Placement, transport
+from ..dispatch import transport
 from ..kernels import HAS_TRITON
 from ..kernels._launch import interpreting
 from ..kernels import assign_slots as slots_mod
@@ -61,7 +61,7 @@ def make_inputs(tokens: int, hidden: int, experts: int, k: int, ep_size: int, sl
     logits[:, int(torch.randint(experts, (1,), generator=g))] += 2.0  # one hot expert
     expert_TK, weight_TK, counts_E, _ = gating_mod.topk_gating_torch(logits, k)
     counts_WE = np.stack([counts_E.numpy()] + [np.roll(counts_E.numpy(), r) for r in range(1, ep_size)])
-    placement = Placement.from_plan(plan_replicas(counts_WE.sum(axis=0).astype(float), ep_size, slots))
+    placement = plan_replicas(counts_WE.sum(axis=0).astype(float), ep_size, slots).placement()
     send_P = torch.from_numpy(transport(counts_WE, placement)[0].copy())
     copies_ER = torch.from_numpy(placement.log2phy_ER.copy())
     _, pos_L, order_N = slots_mod.assign_slots_torch(expert_TK, send_P, copies_ER)

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from ds_moe_replicate.dispatch import Placement, capacity_transport, transport  # noqa: E402
+from ds_moe_replicate.dispatch import capacity_transport, transport  # noqa: E402
 from ds_moe_replicate.gating import drop_over_capacity  # noqa: E402
 from ds_moe_replicate.kernels.assign_slots import assign_slots_torch  # noqa: E402
 from ds_moe_replicate.planner import plan_replicas  # noqa: E402
@@ -27,7 +27,7 @@ def case(T, k, W, e_loc, S, rank, seed, capacity=None, drop=0.0):
     counts_WE = rng.integers(0, 3 * T * k // E + 1, (W, E))
     counts_WE[rank] = np.bincount(expert[expert >= 0], minlength=E)
     plan = plan_replicas(counts_WE.sum(axis=0).astype(float) + 1, W, S)
-    pl = Placement.from_plan(plan)
+    pl = plan.placement()
     expert_TK = torch.from_numpy(expert)
     if capacity is None:
         send_WP = transport(counts_WE, pl, prefer_local=bool(seed % 2))
