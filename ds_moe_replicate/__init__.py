@@ -1,8 +1,8 @@
 """ds_moe_replicate: lossless predictive expert replication for DeepSpeed expert-parallel MoE."""
 
 from .config import ReplicationConfig, ReplicationConfigError
-from .planner import ReplicaPlan, balancedness, max_rank_load_lower_bound, plan_replicas, split_loads
 from .layer import ReplicatedMoE, configure_replication
+from .planner import ReplicaPlan, balancedness, max_rank_load_lower_bound, plan_replicas, split_loads
 
 __version__ = "0.1.0"
 

@@ -1,10 +1,13 @@
 """Communication for the replicated layer: the one adapter to DeepSpeed's process groups, the
 gathered-counts collective that doubles as an error agreement, and an uneven all-to-all.
 
-Every collective here is issued by every rank of the expert-parallel group in the same order.
-An error found before the first collective of a step is not raised on the spot (the other ranks
-would wait forever in their all-gather): it travels in the all-gather as a status flag, and every
-rank raises ``ReplicationError`` naming the rank(s) that failed.
+Every collective here is issued by every rank of the expert-parallel group in the same order, on
+tensors that live on the layer's device (NCCL takes device tensors only). An error found before a
+step's all-gather is not raised on the spot (the other ranks would wait forever in it): it
+travels in the all-gather as a status code, and every rank raises ``ReplicationError`` naming
+the rank(s) and the cause. The same all-gather carries a fingerprint of what the ranks must
+agree on (config, plan, mode, dtype, links), so ranks that disagree are told what differs
+instead of issuing mismatched collectives (docs/design.md, "Never hang").
 
 Legend: W expert-parallel ranks, E logical experts.
 """
@@ -15,18 +18,18 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import numpy as np
-
 import torch
 import torch.distributed as dist
 
-__all__ = ["ReplicationError", "expert_parallel_group", "group_size", "group_rank", "global_rank",
-           "Gathered", "gather_step", "all_to_all"]
+__all__ = ["ReplicationError", "expert_parallel_group", "group_size", "group_rank", "global_rank", "Fingerprint",
+           "Gathered", "gather_step", "all_to_all", "raise_failures", "failure_code", "FAILURES", "dtype_code",
+           "SITE_LAYER", "SITE_ENTRY", "SITE_OFF"]
 
-_STATUS_OK, _STATUS_FAILED = 0, 1
 
 
 class ReplicationError(RuntimeError):
-    """A step of the replicated layer failed on at least one expert-parallel rank."""
+    """A step of the replicated layer failed on at least one expert-parallel rank, or the ranks
+    disagree on what the step is. Raised on every rank of the group in the same step."""
 
 
 def expert_parallel_group(ep_size: int, use_data_before_expert_parallel: bool = False):
@@ -55,6 +58,94 @@ def global_rank(group, rank_in_group: int) -> int:
     return rank_in_group if group is None else dist.get_global_rank(group, rank_in_group)
 
 
+# What went wrong, as a status code that travels in the step's collectives (0 = fine).
+FAILURES = {1: "bad input", 2: "expert computation", 3: "replica transfer", 4: "replication policy",
+            5: "stats hook", 6: "out of memory", 7: "error"}
+_CODE = {name: code for code, name in FAILURES.items()}
+
+
+def failure_code(err: BaseException, where: str) -> int:
+    """The status code of ``err``, raised in the step phase ``where`` (a ``FAILURES`` name)."""
+    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
+        return _CODE["out of memory"]
+    return _CODE.get(where, _CODE["error"])
+
+
+def raise_failures(codes_W: Sequence[int], error: Optional[BaseException], rank: int) -> None:
+    """Raise ``ReplicationError`` on this rank if any rank reported a failure code.
+
+    Args:
+        codes_W: the status code of every rank (0 = fine), the same on every rank.
+        error: this rank's own exception, if it had one.
+        rank: this rank in the group.
+    """
+    failed = {r: int(c) for r, c in enumerate(codes_W) if int(c) != 0}
+    if not failed:
+        return
+    what = ", ".join(f"rank {r}: {FAILURES.get(c, 'error')}" for r, c in failed.items())
+    if error is not None:
+        raise ReplicationError(f"expert-parallel rank {rank} failed ({FAILURES.get(failed.get(rank, 7), 'error')}): "
+                               f"{type(error).__name__}: {error} [failures this step: {what}]") from error
+    raise ReplicationError(f"expert-parallel rank(s) {sorted(failed)} failed in this step ({what}; see their "
+                           f"error); rank {rank} stops too instead of waiting")
+
+
+# Where in the model a step's all-gather is issued: ranks at different sites have left step.
+SITE_LAYER, SITE_ENTRY, SITE_OFF = 1, 2, 3
+_SITES = {SITE_LAYER: "a replicated MoE layer", SITE_ENTRY: "the lookahead entry hook",
+          SITE_OFF: "an MoE layer with replication off"}
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What every rank must agree on at a step; gathered and compared field by field.
+
+    Attributes:
+        site: SITE_LAYER, SITE_ENTRY or SITE_OFF.
+        config: hash of the ``moe_replication`` section.
+        plan_version / placement: version and digest of the placement that serves the step.
+        grad_mode: 1 when replica weights travel with the step and gradients go home, else 0;
+            plus 2 in train() mode.
+        dtype: code of the input dtype.
+        links: lookahead wiring of the layer (experts of the layer it predicts, 0 if none;
+            plus 1 << 20 when a previous layer predicts it).
+    """
+
+    site: int
+    config: int = 0
+    plan_version: int = 0
+    placement: int = 0
+    grad_mode: int = 0
+    dtype: int = 0
+    links: int = 0
+
+    HINTS = {
+        "site": "some ranks have replication on and others off, or run a different model",
+        "config": "apply the same moe_replication section on every rank (configure_replication)",
+        "plan_version": "ranks hold different replica plans",
+        "placement": "ranks hold different replica plans",
+        "grad_mode": "every rank must run the step in the same train()/eval() mode and torch.no_grad() state",
+        "dtype": "every rank must pass inputs of the same dtype",
+        "links": "ranks linked different MoE layers for lookahead (a different model or call order)",
+    }
+
+    def values(self) -> List[int]:
+        return [int(getattr(self, f)) for f in self.HINTS]
+
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) + 1 if dtype in _DTYPES else 99
+
+
+# Header: status, tokens, landed, home weights version, the predicted layer's home weights
+# version, then the fingerprint fields.
+_HEAD = 5
+HEADER = _HEAD + len(Fingerprint.HINTS)
+
+
 @dataclass(frozen=True)
 class Gathered:
     """What every rank learns from a step's all-gather (identical on every rank).
@@ -63,55 +154,79 @@ class Gathered:
         counts_WE: int64 [W, E] routes per rank and expert of this layer.
         tokens_W: int64 [W] tokens per rank.
         landed_W: bool [W] each rank's replica transfers in flight have all finished.
-        lookahead_WE: int64 [W, E'] predicted routes for the next layer, or None.
+        version_W: int64 [W] version of each rank's home expert weights.
+        ahead_WE: int64 [W, E] predicted routes of the layer this one predicts (zeros if none).
+        ahead_version_W: int64 [W] version of that layer's home expert weights on each rank.
     """
 
     counts_WE: np.ndarray
     tokens_W: np.ndarray
     landed_W: np.ndarray
-    lookahead_WE: Optional[np.ndarray]
+    version_W: np.ndarray
+    ahead_WE: np.ndarray
+    ahead_version_W: np.ndarray
 
 
-def gather_step(counts_E: torch.Tensor, tokens: int, error: Optional[BaseException], group, landed: bool = True,
-                lookahead_E: Optional[torch.Tensor] = None) -> Gathered:
-    """All-gather every rank's routes per expert, token count, landing flag, status and lookahead.
+def gather_step(counts_E: torch.Tensor, fingerprint: Fingerprint, group, *, tokens: int = 0,
+                error: Optional[BaseException] = None, where: str = "bad input", landed: bool = True,
+                version: int = 0, ahead_E: Optional[torch.Tensor] = None, ahead_version: int = 0) -> Gathered:
+    """All-gather every rank's counts, status, fingerprint, landing flag, weights version and
+    lookahead counts; raise on every rank if any rank failed or the ranks disagree.
+
+    The payload has ``HEADER + 2 * E`` entries on every rank whatever the step does, so ranks
+    that disagree still exchange equal sizes (and are told so) instead of aborting the backend.
 
     Args:
-        counts_E: int64 [E] routes per logical expert on this rank (zeros if ``error``).
+        counts_E: int64 [E] routes per logical expert on this rank (zeros if ``error``); its
+            device is the one every tensor of the collective lives on.
+        fingerprint: what the ranks must agree on.
         tokens: tokens on this rank.
-        error: an exception this rank hit before the collective, or None.
-        group: the expert-parallel group (None or size 1: no communication).
+        error: an exception this rank hit before the collective, or None; ``where`` names the phase.
         landed: this rank has no replica transfer still in flight.
-        lookahead_E: int64 [E'] predicted routes of the next layer (the same length on every
-            rank; zeros if ``error``), or None.
+        version: version of this rank's home expert weights.
+        ahead_E: int64 [E] predicted routes of the layer this one predicts, or None.
+        ahead_version: version of that layer's home expert weights on this rank.
 
     Raises:
-        ReplicationError on every rank if any rank passed an error.
+        ReplicationError on every rank if any rank passed an error, or the fingerprints differ.
     """
-    parts = [counts_E.reshape(-1).to(torch.int64)]
-    if lookahead_E is not None:
-        parts.append(lookahead_E.reshape(-1).to(torch.int64).to(counts_E.device))
-    tail = torch.tensor([tokens, int(landed), _STATUS_FAILED if error is not None else _STATUS_OK],
-                        dtype=torch.int64, device=counts_E.device)
-    payload = torch.cat(parts + [tail])
+    E = counts_E.numel()
+    device = counts_E.device
+    code = failure_code(error, where) if error is not None else 0
+    head = torch.tensor([code, tokens, int(landed), version, ahead_version] + fingerprint.values(), dtype=torch.int64,
+                        device=device)
+    ahead = torch.zeros(E, dtype=torch.int64, device=device) if ahead_E is None else ahead_E.reshape(-1).to(
+        device=device, dtype=torch.int64)
+    if ahead.numel() != E:
+        ahead = torch.zeros(E, dtype=torch.int64, device=device)
+        if code == 0:
+            code = _CODE["replication policy"]
+            error = ValueError(f"lookahead counts have {ahead_E.numel()} entries for a layer of {E} experts")
+            head[0] = code
+    payload = torch.cat([head, counts_E.reshape(-1).to(torch.int64), ahead])
     W = group_size(group)
     if W > 1:
-        out = torch.empty(W * payload.numel(), dtype=torch.int64, device=payload.device)
+        out = torch.empty(W * payload.numel(), dtype=torch.int64, device=device)
         dist.all_gather_into_tensor(out, payload, group=group)
         out = out.view(W, -1)
     else:
         out = payload.unsqueeze(0)
     out = out.cpu().numpy()
-    failed: List[int] = np.nonzero(out[:, -1] != _STATUS_OK)[0].tolist()
-    if failed:
-        me = group_rank(group)
-        if error is not None:
-            raise ReplicationError(f"expert-parallel rank {me} failed: {error}") from error
-        raise ReplicationError(f"expert-parallel rank(s) {failed} failed in this step (see their error); "
-                               f"rank {me} stops too instead of waiting")
-    E = counts_E.numel()
-    lookahead = out[:, E:-3] if lookahead_E is not None else None
-    return Gathered(out[:, :E], out[:, -3], out[:, -2].astype(bool), lookahead)
+    me = group_rank(group)
+    raise_failures(out[:, 0], error, me)
+    prints = out[:, _HEAD:HEADER]
+    differ = [i for i in range(prints.shape[1]) if (prints[:, i] != prints[0, i]).any()]
+    if differ:
+        names = list(Fingerprint.HINTS)
+        parts = []
+        for i in differ:
+            values = prints[:, i].tolist()
+            shown = [_SITES.get(v, v) for v in values] if names[i] == "site" else values
+            parts.append(f"{names[i]} ({', '.join(f'rank {r}: {v}' for r, v in enumerate(shown))}): "
+                         f"{Fingerprint.HINTS[names[i]]}")
+        raise ReplicationError(f"expert-parallel ranks disagree at this step (seen by rank {me}): " + "; ".join(parts))
+    return Gathered(out[:, HEADER:HEADER + E], out[:, 1], out[:, 2].astype(bool), out[:, 3],
+                    out[:, HEADER + E:], out[:, 4])
 
 
 class _AllToAll(torch.autograd.Function):

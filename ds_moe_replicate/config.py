@@ -14,9 +14,10 @@ from typing import Any, Literal, Mapping, Optional, Union
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
+from .predictor import PREDICTORS
+
 SECTION = "moe_replication"
 
-PredictorName = Literal["ema", "window", "lookahead", "learned", "oracle"]
 KernelChoice = Literal["auto", "triton", "torch"]
 
 
@@ -33,13 +34,15 @@ class ReplicationConfig(DeepSpeedConfigModel):
 
     slots_per_rank: int = Field(1, ge=0)
     """Replica slots per expert-parallel rank (S): how many copies of other ranks' experts each
-    rank may hold besides its own. Each slot costs the memory of one expert."""
+    rank may hold besides its own. Each slot costs the memory of one expert (one buffer, in which
+    a slot is refilled only while nothing reads it); a training step also holds the fetched copies
+    and their gradients until its backward ends, as activations."""
 
     replan_interval: int = Field(4, ge=1)
     """Forward steps between re-plans. At a re-plan the predicted loads give a new placement,
     whose replica weights are prefetched and become active at the next step."""
 
-    predictor: PredictorName = "ema"
+    predictor: str = "ema"
     """Load predictor behind the plan: ``"ema"`` (exponential moving average of the gathered
     expert counts), ``"window"`` (mean over the last ``window`` steps), ``"lookahead"`` (this
     batch's loads, predicted one layer ahead by applying the layer's gate to the previous layer's
@@ -72,12 +75,30 @@ class ReplicationConfig(DeepSpeedConfigModel):
     """Bookkeeping kernels: ``"auto"`` (Triton on CUDA, PyTorch twins elsewhere), ``"triton"``
     (force Triton; on CPU only under ``TRITON_INTERPRET=1``) or ``"torch"`` (force the twins)."""
 
+    replica_cost: float = Field(0.05, ge=0.0)
+    """What one replica costs per step, as a fraction of a mean rank's load (its weights travel
+    to the copy; in training its gradient travels back too, so the cost counts twice). A plan
+    keeps only the replicas that lower the predicted largest rank load by more than they cost;
+    under even routing that is none. 0 makes every slot's replica."""
+
+    timeout_s: float = Field(300.0, gt=0.0)
+    """Longest wait, in seconds, for replica weights or their gradients; past it every rank of
+    the group raises ``ReplicationError`` instead of hanging."""
+
+    @field_validator("predictor")
+    @classmethod
+    def _known_predictor(cls, value: str) -> str:
+        if value not in PREDICTORS:
+            raise ValueError(f"unknown predictor {value!r}; one of {sorted(PREDICTORS)}")
+        return value
+
     @field_validator("learned_path")
     @classmethod
     def _learned_needs_a_file(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
         # NOTE: runs for the default too (validate_default), after ``predictor`` (declared first).
-        if info.data.get("predictor") == "learned" and not value:
-            raise ValueError("required when predictor is 'learned' (a file made by launch/train_predictor.py)")
+        name = info.data.get("predictor")
+        if name in PREDICTORS and PREDICTORS[name].needs_file and not value:
+            raise ValueError(f"required when predictor is {name!r} (a file made by launch/train_predictor.py)")
         return value
 
     @classmethod

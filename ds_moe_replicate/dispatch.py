@@ -118,6 +118,8 @@ class DispatchMeta:
         group_M: receive-order index of each row in slot-grouped order.
         slot_rows_C: rows per local physical slot (grouped order is slot by slot).
         num_tokens, k: T and K of this rank.
+        error: what failed in this rank's local preprocess (it then sent placeholder rows of the
+            agreed sizes, so that no rank is left waiting), or None.
     """
 
     order_N: torch.Tensor
@@ -128,6 +130,7 @@ class DispatchMeta:
     slot_rows_C: List[int]
     num_tokens: int
     k: int
+    error: Optional[BaseException] = None
 
 
 def _route_slots(expert_TK: torch.Tensor, send_P: torch.Tensor, copies_ER: torch.Tensor) -> torch.Tensor:
@@ -157,14 +160,24 @@ def dispatch(x_TH: torch.Tensor, expert_TK: torch.Tensor, send_WP: np.ndarray, p
     C = placement.slots_per_rank_total
     T, K = expert_TK.shape
     device = x_TH.device
-    send_P = torch.from_numpy(send_WP[rank]).to(device)
-    copies_ER = torch.from_numpy(placement.log2phy_ER.copy()).to(device)
-    # Send order: by physical slot (so by destination rank), route order within a slot.
-    _, pos_L, order_N = ops.assign_slots(expert_TK, send_P, copies_ER, kernels=kernels)
-    x_send = ops.permute(x_TH, order_N, K, kernels=kernels)
     send_W = send_WP.reshape(-1, W, C).sum(axis=2)[rank].tolist()
     mine_WC = send_WP[:, rank * C:(rank + 1) * C]
     recv_W = mine_WC.sum(axis=1).tolist()
+    error = None
+    try:
+        send_P = torch.from_numpy(send_WP[rank]).to(device)
+        copies_ER = torch.from_numpy(placement.log2phy_ER.copy()).to(device)
+        # Send order: by physical slot (so by destination rank), route order within a slot.
+        _, pos_L, order_N = ops.assign_slots(expert_TK, send_P, copies_ER, kernels=kernels)
+        x_send = ops.permute(x_TH, order_N, K, kernels=kernels)
+        if x_send.shape[0] != sum(send_W):
+            raise RuntimeError(f"routes ({x_send.shape[0]}) disagree with the split ({sum(send_W)} rows)")
+    except Exception as err:  # noqa: BLE001 - reported to every rank through combine
+        # NOTE: the sizes come from the gathered counts, so the exchange still matches.
+        error = err
+        x_send = x_TH.new_zeros((sum(send_W), x_TH.shape[1]))
+        pos_L = torch.full((T * K,), -1, dtype=torch.int64, device=device)
+        order_N = torch.zeros(sum(send_W), dtype=torch.int64, device=device)
     x_recv = all_to_all(x_send, send_W, recv_W, group)
     group_M = None
     if W > 1:
@@ -172,12 +185,17 @@ def dispatch(x_TH: torch.Tensor, expert_TK: torch.Tensor, send_WP: np.ndarray, p
         start_WC = (np.cumsum(mine_WC.reshape(-1)) - mine_WC.reshape(-1)).reshape(W, C)
         rows = [np.arange(start_WC[w, c], start_WC[w, c] + mine_WC[w, c]) for c in range(C) for w in range(W)]
         group_M = torch.from_numpy(np.concatenate(rows) if rows else np.zeros(0, np.int64)).to(device)
-        x_recv = ops.permute(x_recv, group_M, 1, kernels=kernels)
-    meta = DispatchMeta(order_N, pos_L.view(T, K), send_W, recv_W, group_M, mine_WC.sum(axis=0).tolist(), T, K)
+        try:
+            x_recv = ops.permute(x_recv, group_M, 1, kernels=kernels)
+        except Exception as err:  # noqa: BLE001 - reported to every rank through combine
+            error = error or err
+            x_recv = torch.zeros_like(x_recv)
+    meta = DispatchMeta(order_N, pos_L.view(T, K), send_W, recv_W, group_M, mine_WC.sum(axis=0).tolist(), T, K,
+                        error)
     return x_recv, meta
 
 
-def combine(y_MH: torch.Tensor, weight_TK: torch.Tensor, meta: DispatchMeta, group, failed: bool = False, *,
+def combine(y_MH: torch.Tensor, weight_TK: torch.Tensor, meta: DispatchMeta, group, failed: int = 0, *,
             kernels: str = "torch"):
     """Reverse of ``dispatch``: expert outputs back to their tokens, gate-weighted, summed over k.
 
@@ -187,28 +205,29 @@ def combine(y_MH: torch.Tensor, weight_TK: torch.Tensor, meta: DispatchMeta, gro
     Args:
         y_MH: [M, H] expert outputs in the grouped order ``dispatch`` returned.
         weight_TK: fp32 [T, K] combine weights (any value where a route was not taken).
-        failed: this rank's expert step failed (``y_MH`` then holds placeholders).
+        failed: this rank's failure code (``comm.FAILURES``; 0 = fine; ``y_MH`` then holds
+            placeholders).
         kernels: ``moe_replication.kernels``: who runs the weighted un-permute (``ops.combine``).
 
     Returns:
-        ([T, H] in ``y_MH``'s dtype, ranks that reported failure). The weighting and the sum
-        over k run in fp32, as DeepSpeed's.
+        ([T, H] in ``y_MH``'s dtype, every rank's failure code). The weighting and the sum over
+        k run in fp32, as DeepSpeed's.
     """
     H = y_MH.shape[1]
     W = len(meta.send_W)
-    failed_ranks = [0] if failed else []
+    codes_W = [int(failed)]
     if W > 1:
         back = torch.empty_like(y_MH)
         back[meta.group_M] = y_MH
-        status = y_MH.new_full((1, H), 1.0 if failed else 0.0)
+        status = y_MH.new_full((1, H), float(failed))
         chunks = torch.split(back, meta.recv_W)
         y_back = all_to_all(torch.cat([t for c in chunks for t in (status, c)]),
                             [n + 1 for n in meta.recv_W], [n + 1 for n in meta.send_W], group)
         heads = torch.from_numpy(np.cumsum([0] + [n + 1 for n in meta.send_W[:-1]])).to(y_back.device)
-        failed_ranks = torch.nonzero(y_back[heads, 0] != 0).flatten().tolist()
+        codes_W = [int(c) for c in y_back[heads, 0].round().tolist()]
         keep = torch.ones(y_back.shape[0], dtype=torch.bool, device=y_back.device)
         keep[heads] = False
         y_N = y_back[keep]
     else:
         y_N = y_MH
-    return ops.combine(y_N, weight_TK, meta.pos_TK, kernels=kernels), failed_ranks
+    return ops.combine(y_N, weight_TK, meta.pos_TK, kernels=kernels), codes_W

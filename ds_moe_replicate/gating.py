@@ -13,13 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from deepspeed.moe.sharded_moe import TopKGate, gumbel_rsample
 
 from . import ops
 
-__all__ = ["Routes", "route", "drop_over_capacity"]
+__all__ = ["Routes", "route", "drop_over_capacity", "normalized_weight_TK", "capacity_per_expert"]
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,22 @@ def normalized_weight_TK(routes: Routes, k: int) -> torch.Tensor:
     w = torch.where(routes.expert_TK >= 0, routes.weight_TK, torch.zeros_like(routes.weight_TK))
     denom_T = torch.clamp(w.sum(dim=1, keepdim=True), min=torch.finfo(w.dtype).eps)
     return w / denom_T
+
+
+def capacity_per_expert(tokens, num_experts: int, k: int, capacity_factor: float, min_capacity: int):
+    """DeepSpeed's per-expert capacity for ``tokens`` tokens on a rank (the one copy of the
+    formula in this package): ceil(T / E * factor * k'), at least ``min_capacity``, where k' = 1
+    for top-1 and k otherwise (as ``top1gating``/``top2gating``/``topkgating`` scale it).
+
+    Args:
+        tokens: an int or an int array of token counts (e.g. [W], one per rank).
+
+    Returns:
+        int64 NumPy array shaped like ``tokens``.
+    """
+    scale = capacity_factor * (1 if k == 1 else k)
+    return np.maximum(np.ceil(np.asarray(tokens, dtype=np.float64) / num_experts * scale),
+                      min_capacity).astype(np.int64)
 
 
 def drop_over_capacity(expert_TK: torch.Tensor, keep_E: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,12 @@ Legend: E logical experts, W expert-parallel ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 
-__all__ = ["StepStats", "StatsHooks", "RemovableHandle"]
+__all__ = ["StepStats", "StatsHooks", "RemovableHandle", "prediction_quality"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class StepStats:
             prediction also had hot (NaN without a plan; 1.0 when none is hot).
         prefetch_late: a plan's weights were still in flight on some rank, so the previous plan
             served this step.
+        training: the step computed gradients (replica weights travelled with the step and their
+            gradients went home).
     """
 
     step: int
@@ -61,6 +64,7 @@ class StepStats:
     prediction_l1: float = float("nan")
     hot_recall: float = float("nan")
     prefetch_late: bool = False
+    training: bool = False
 
 
 class RemovableHandle:
@@ -88,3 +92,21 @@ class StatsHooks:
     def __call__(self, stats: StepStats) -> None:
         for fn in list(self._fns.values()):
             fn(stats)
+
+
+def prediction_quality(predicted_E: Optional[np.ndarray], actual_E: np.ndarray, ep_size: int) -> Tuple[float, float]:
+    """(L1 distance between predicted and actual load shares, recall of the hot experts).
+
+    Hot experts are those whose actual load exceeds a mean rank's load (the ones that need
+    copies); recall is the fraction of them the prediction also puts above its mean rank load.
+    Both are NaN without a prediction; recall is 1.0 when no expert is hot.
+    """
+    if predicted_E is None:
+        return float("nan"), float("nan")
+    pred = np.asarray(predicted_E, dtype=np.float64)
+    act = np.asarray(actual_E, dtype=np.float64)
+    p_share = pred / pred.sum() if pred.sum() > 0 else np.full_like(pred, 1.0 / pred.size)
+    a_share = act / act.sum() if act.sum() > 0 else np.full_like(act, 1.0 / act.size)
+    hot = a_share > 1.0 / ep_size
+    recall = float((p_share[hot] > 1.0 / ep_size).mean()) if hot.any() else 1.0
+    return float(np.abs(p_share - a_share).sum()), recall

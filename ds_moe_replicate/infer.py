@@ -21,11 +21,12 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-from .bench.common import add_tiny_switch_args, device_for_rank, init_distributed, markdown_table, median, \
-    rank_balance, report, timed
 from .config import ReplicationConfig
 from .layer import configure_replication
-from .tiny_switch import TinySwitch, TinySwitchConfig, build_tiny_switch, topic_tokens
+from .planner import home_balancedness
+from .report import markdown_table, report
+from .runtime import device_for_rank, init_distributed, median, timed
+from .tiny_switch import TinySwitch, TinySwitchConfig, add_tiny_switch_args, build_tiny_switch, topic_tokens
 
 MODES = ("stock", "stock_capacity", "replicated")
 
@@ -100,7 +101,7 @@ def run(args, ds_config: Dict) -> List[Dict]:
                         glob = local.clone().to(device)
                         dist.all_reduce(glob)
                         glob = glob.cpu()
-                        balance[mode].append(sum(rank_balance(c, W) for c in glob) / len(glob))
+                        balance[mode].append(sum(home_balancedness(c, W) for c in glob) / len(glob))
                         if mode == "stock_capacity":
                             lost = torch.tensor([sum(_dropped(c, tokens, cfg.num_experts) for c in local)],
                                                 device=device)

@@ -1,19 +1,21 @@
 """``ReplicatedMoE``: DeepSpeed's ``MoE`` with lossless predictive expert replication.
 
 The subclass stays thin: it swaps the inner ``MOELayer`` for ``ReplicatedMOELayer`` (same
-``gate`` and ``experts`` submodules, so ``state_dict`` keys are unchanged) and wires the steps
-of one forward (DESIGN.md): gate -> count + all-gather -> split -> dispatch -> experts -> combine,
-with observe/plan/prefetch in between. Replication off, or in training mode, the stock
+``gate`` and ``experts`` submodules, so ``state_dict`` keys are unchanged), whose forward is the
+data path of docs/design.md ("One step"): gate -> gather -> decide -> split -> dispatch ->
+experts -> stats -> combine. Decisions come from the layer's ``ReplicationPolicy``; copies move
+through the ``ReplicaStore`` (steps without gradients) or travel with the step (``fetch.py``,
+steps with gradients: training, and any forward under autograd). Replication off, the stock
 ``MOELayer.forward`` runs unchanged.
 
 Legend: T tokens on this rank, H hidden, K routes per token, E logical experts, W ranks,
-C slots per rank (E_loc + S).
+C slots per rank (E_loc + S), P = W * C, M rows received by this rank.
 """
 
 from __future__ import annotations
 
-import weakref
-from typing import Any, Callable, Mapping, Optional, Union
+import hashlib
+from typing import Any, Callable, List, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -21,230 +23,461 @@ from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import MOELayer
 from torch import nn
 
-from . import lookahead
-from .comm import ReplicationError, gather_step, group_rank, group_size
+from .comm import (
+    SITE_LAYER,
+    SITE_OFF,
+    Fingerprint,
+    dtype_code,
+    failure_code,
+    gather_step,
+    group_rank,
+    group_size,
+    raise_failures,
+)
 from .config import ReplicationConfig
-from .controller import ReplicationController
 from .dispatch import capacity_transport, combine, dispatch, transport
-from .placement import Placement
-from .gating import Routes, drop_over_capacity, normalized_weight_TK, route
-from .hooks import RemovableHandle, StatsHooks, StepStats
-from .learned import RouterDistiller
+from .fetch import FetchSpec, fetch_replicas
+from .gating import Routes, capacity_per_expert, drop_over_capacity, normalized_weight_TK, route
+from .hooks import RemovableHandle, StatsHooks, StepStats, prediction_quality
+from .lookahead import Chain, attach_entry
+from .placement import Placement, plan_transfers
 from .planner import balancedness
+from .policy import Decision, ReplicationPolicy
+from .predictor import AHEAD
+from .replicas import ExpertLayout, ReplicaStore, ReplicaTable
+from .versions import weights_version
 
 __all__ = ["ReplicatedMoE", "ReplicatedMOELayer", "configure_replication"]
 
 ReplicationArg = Union[ReplicationConfig, Mapping[str, Any], None]
 
 
-def _capacity(tokens: np.ndarray, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> np.ndarray:
-    """DeepSpeed's per-expert capacity of each rank: ceil(T / E * factor * k'), at least
-    ``min_capacity`` (k' = 1 for top-1, else k, as top2gating and topkgating scale it)."""
-    scale = capacity_factor * (1 if k == 1 else k)
-    return np.maximum(np.ceil(tokens / num_experts * scale), min_capacity).astype(np.int64)
+class _Step:
+    """What one forward has found so far (local to the call)."""
+
+    def __init__(self) -> None:
+        self.error: Optional[BaseException] = None
+        self.where = "bad input"
+        self.waited_ms = 0.0
+        self.moved = 0
+        self.received = 0
+
+    def fail(self, err: BaseException, where: str) -> None:
+        if self.error is None:
+            self.error, self.where = err, where
 
 
 class ReplicatedMOELayer(MOELayer):
-    """``MOELayer`` whose eval forward splits hot experts' tokens among replicas."""
+    """``MOELayer`` whose forward splits hot experts' tokens among replicas."""
 
     def __init__(self, stock: MOELayer, num_experts: int, replication: ReplicationConfig) -> None:
         super().__init__(stock.gate, stock.experts, stock.ep_group_name, stock.ep_size, stock.num_local_experts,
                          use_tutel=stock.use_tutel)
         self.num_experts = num_experts
-        self.replication = replication
         self.hooks = StatsHooks()
         self.last_stats: Optional[StepStats] = None
-        self._controller: Optional[ReplicationController] = None
+        self.runs = 0
+        self.uid = 0  # position among the model's replicated layers (configure_replication)
+        self.chain: Optional[Chain] = None
+        self._changes = 0
+        self._store: Optional[ReplicaStore] = None
+        self.configure(replication)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.weights_changed())
+
+    # ------------------------------------------------------------------------ configuration and state
 
     def configure(self, replication: ReplicationConfig) -> None:
         """Switch config; replica state starts over from the home placement on the next step."""
+        if self._store is not None:
+            self._store.reset()
         self.replication = replication
-        self._controller = None
+        self.config_hash = int.from_bytes(hashlib.blake2b(replication.model_dump_json().encode(),
+                                                          digest_size=8).digest(), "little") >> 2
+        self.policy = ReplicationPolicy(replication, self.num_experts, self.ep_size)
+        self.table = ReplicaTable(self.policy.home.phy2log_P.size)
+        self._store = None
+        self._agreed_off = False
+        self.runs = 0
+        self.weights_changed()
+
+    def weights_changed(self) -> None:
+        """Every replica of this layer's home experts is stale from now on (called by
+        ``load_state_dict``, ``.to()``/``.half()``, ``train()``/``eval()``; call it after
+        editing expert weights through ``param.data``)."""
+        self._changes += 1
+
+    def train(self, mode: bool = True):
+        self.weights_changed()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        # NOTE: the slot buffers are plain tensors (not in state_dict); they are re-made on the
+        # next forward where the experts now live, and every copy is refreshed.
+        if self._store is not None:
+            self._store.reset()
+            self.table.cancel()
+        self.weights_changed()
+        return super()._apply(fn, *args, **kwargs)
 
     @property
-    def controller(self) -> ReplicationController:
-        if self._controller is None:
-            template = self.experts.deepspeed_experts[0]
-            self._controller = ReplicationController(self.replication, self.num_experts, self.ep_size, template)
-            self._controller.driven = self.__dict__.get("_driven", False)
-        return self._controller
+    def home_experts(self) -> List[nn.Module]:
+        return list(self.experts.deepspeed_experts)
 
-    def mark_driven(self) -> None:
-        """A previous layer (or the entry hook) predicts this layer's loads from now on."""
-        self.__dict__["_driven"] = True
-        self.controller.driven = True
+    def home_params(self) -> List[torch.Tensor]:
+        return [p for e in self.home_experts for p in e.parameters()]
 
-    def forward(self, *input: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if not self.replication.enabled or self.training:
-            return super().forward(*input, **kwargs)
-        used_token = input[1] if len(input) > 1 else None
-        return self._replicated_forward(input[0], used_token)
+    def weights_version(self) -> int:
+        return weights_version(self.home_params(), self._changes)
 
-    # ------------------------------------------------------------------------ replicated path
-
-    def _gate(self, x: torch.Tensor, used_token: Optional[torch.Tensor]):
-        H = self.gate.wg.weight.shape[1]
-        if x.dim() < 1 or x.shape[-1] != H:
-            raise ValueError(f"hidden_states must end in hidden_size={H}, got shape {tuple(x.shape)}")
-        x_TH = x.reshape(-1, H)
-        if used_token is not None and used_token.numel() != x_TH.shape[0]:
-            raise ValueError(f"used_token has {used_token.numel()} entries for {x_TH.shape[0]} tokens")
-        routes = route(self.gate, x_TH, None if used_token is None else used_token.reshape(-1),
-                       kernels=self.replication.kernels)
-        taken = routes.expert_TK[routes.expert_TK >= 0]
-        return x_TH, routes, torch.bincount(taken, minlength=self.num_experts)
-
-    def _run_slots(self, rows_MH: torch.Tensor, slot_rows_C, placement: Placement) -> torch.Tensor:
-        e_loc = placement.experts_per_rank
-        out = torch.empty_like(rows_MH)
-        start = 0
-        for j, n in enumerate(slot_rows_C):
-            if n == 0:
-                continue
-            chunk = rows_MH[start:start + n]
-            if j < e_loc:
-                y = self.experts.deepspeed_experts[j](chunk)
-                y = y[0] if isinstance(y, tuple) else y
-            else:
-                y = self.controller.store.run(j - e_loc, chunk)
-            out[start:start + n] = y
-            start += n
-        return out
-
-    # ------------------------------------------------------------------------ lookahead links
+    def grad_step(self) -> bool:
+        """This forward computes gradients for the experts (copies then travel with the step)."""
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.home_params())
 
     @property
-    def runs(self) -> int:
-        return self.controller.step
+    def store(self) -> ReplicaStore:
+        if self._store is None:
+            self._store = ReplicaStore(self.home_experts[0], self.policy.slots_per_rank, self.replication.timeout_s)
+        self._store.ensure(next(self.home_experts[0].parameters()))
+        return self._store
+
+    # ------------------------------------------------------------------------ lookahead node
 
     @property
     def hidden_size(self) -> int:
         return self.gate.wg.weight.shape[1]
 
     @property
-    def next_layer(self) -> Optional["ReplicatedMOELayer"]:
-        ref = self.__dict__.get("_next_ref")
-        return ref() if ref is not None else None
+    def wants_ahead(self) -> bool:
+        return self.replication.enabled and self.policy.enabled and self.policy.predictor.source == AHEAD
 
-    def set_next(self, layer: "ReplicatedMOELayer") -> None:
-        # NOTE: a weak reference kept outside nn.Module's registry (plain assignment of a module
-        # would make the next layer a submodule, its parameters twice in state_dict).
-        self.__dict__["_next_ref"] = weakref.ref(layer)
+    def offer_ahead(self, predicted_E: np.ndarray, version_W: np.ndarray, grad: bool) -> None:
+        """This batch's loads, predicted before the layer runs: prefetch for them now."""
+        policy = self.policy
+        if not grad and policy.pending is not None:
+            # The previous prefetch missed its step; every rank finishes it here, at the same point
+            # (the policy advances alike on every rank even if this rank's wait fails).
+            try:
+                self.store.land()
+            finally:
+                self.table.commit()
+                policy.land_pending()
+        new = policy.offer(predicted_E, grad)
+        if new is not None:
+            self._move(new, version_W)
+
+    def install(self, placement: Placement) -> None:
+        """Make ``placement`` serve from the next step, its copies moved and waited for now (a
+        static plan, EPLB practice). Call on every rank at the same point, between steps."""
+        if not self.policy.enabled:
+            return
+        group = self._group()
+        version_W = np.zeros(self.ep_size, dtype=np.int64)
+        version = torch.tensor([self.weights_version()], dtype=torch.int64,
+                               device=next(self.home_experts[0].parameters()).device)
+        if self.ep_size > 1:
+            parts = torch.empty(self.ep_size, dtype=torch.int64, device=version.device)
+            torch.distributed.all_gather_into_tensor(parts, version, group=group)
+            version_W = parts.cpu().numpy()
+        if self.policy.pending is not None:
+            self.store.land()
+            self.table.commit()
+            self.policy.land_pending()
+        self.policy.pending = placement
+        self._move(placement, version_W)
+        self.store.land()
+        self.table.commit()
+        self.policy.land_pending()
+
+    def _links(self) -> int:
+        if self.chain is None:
+            return 0
+        nxt = self.chain.next_of(self)
+        return (0 if nxt is None else nxt.num_experts) + ((1 << 20) if self.policy.driven else 0)
+
+    # ------------------------------------------------------------------------ the data path
+
+    def forward(self, *input: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if not self.replication.enabled:
+            self._agree_replication_off(input[0])
+            return super().forward(*input, **kwargs)
+        return self._replicated_forward(input[0], input[1] if len(input) > 1 else None)
 
     def _replicated_forward(self, x: torch.Tensor, used_token: Optional[torch.Tensor]) -> torch.Tensor:
+        group = self._group()
+        rank, E, k = group_rank(group), self.num_experts, self.gate.k
+        cfg, policy = self.replication, self.policy
+        if self.chain is not None:
+            self.chain.link(self)
+        grad = self.grad_step()
+        store = self.store if (policy.enabled and not grad) else None
+        step = _Step()
+
+        # 1. gate and count locally (and the loads of the layer this one predicts); one all-gather
+        # shares counts, errors, landing flags, weights versions and the step's fingerprint.
+        x_TH = routes = ahead_E = None
+        counts_E = torch.zeros(E, dtype=torch.int64, device=x.device)
+        try:
+            x_TH, routes, counts_E = self._gate(x, used_token, grad)
+            step.where = "replication policy"
+            ahead_E = self.chain.ahead_counts(self, x_TH) if self.chain is not None else None
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank by gather_step
+            step.fail(err, step.where)
+        nxt = self.chain.next_of(self) if self.chain is not None else None
+        fingerprint = Fingerprint(SITE_LAYER, self.config_hash, policy.active.version, policy.active.digest(),
+                                  int(grad) + 2 * int(self.training), dtype_code(x.dtype), self._links())
+        landed = True
+        try:
+            # NOTE: asked as late as possible, so that transfers have the gate's time to finish too.
+            landed = store is None or store.poll()
+        except Exception as err:  # noqa: BLE001 - a transfer over its time limit: every rank raises
+            step.fail(err, "replica transfer")
+        g = gather_step(counts_E, fingerprint, group, tokens=0 if x_TH is None else x_TH.shape[0],
+                        error=step.error, where=step.where, landed=landed, version=self.weights_version(),
+                        ahead_E=ahead_E, ahead_version=0 if nxt is None else nxt.weights_version())
+        counts_WE = g.counts_WE
+        global_E = counts_WE.sum(axis=0)
+
+        # 2. decide which placement serves; move copies the decision asks for now.
+        decision = Decision(policy.active)
+        try:
+            decision = self._decide(global_E, g, store, grad, step)
+            if nxt is not None and nxt.wants_ahead:
+                nxt.offer_ahead(g.ahead_WE.sum(axis=0), g.ahead_version_W, grad)
+        except Exception as err:  # noqa: BLE001 - reported to every rank through combine
+            step.fail(err, "replica transfer" if isinstance(err, TimeoutError) else "replication policy")
+        placement = decision.placement
+
+        # 3. split each expert's tokens among its copies (the same integers on every rank).
+        send_WP = self._split(counts_WE, g.tokens_W, placement)
+        expert_TK = routes.expert_TK
+        if not cfg.dropless:
+            keep_E = np.bincount(np.maximum(placement.phy2log_P, 0), weights=send_WP[rank], minlength=E)
+            expert_TK = drop_over_capacity(expert_TK, torch.from_numpy(keep_E.astype(np.int64)).to(x.device))
+        weight_TK = normalized_weight_TK(Routes(expert_TK, routes.weight_TK, routes.l_aux, routes.exp_counts_E), k)
+
+        # 4. with gradients, the copies' weights travel with the step (overlapping the dispatch).
+        fetched = None
+        if grad and placement.num_replicas and step.error is None:
+            try:
+                fetched, anchor = self._fetch(placement, rank, group, step)
+                x_TH = x_TH + anchor
+            except Exception as err:  # noqa: BLE001 - reported to every rank through combine
+                step.fail(err, "replica transfer")
+
+        # 5-6. dispatch; experts over home and replica slots.
+        rows_MH, meta = dispatch(x_TH, expert_TK, send_WP, placement, rank, group, kernels=self._kernels(grad))
+        if meta.error is not None:
+            step.fail(meta.error, "expert computation")
+        y_MH = torch.zeros_like(rows_MH)
+        if step.error is None:
+            try:
+                y_MH = self._run_slots(rows_MH, meta.slot_rows_C, placement, fetched, step)
+            except Exception as err:  # noqa: BLE001 - reported to every rank through combine
+                step.fail(err, "expert computation")
+
+        # 7. close the step: next plan's copies start moving (no gradients), stats, hooks.
+        try:
+            after = policy.close(global_E, placement, grad)
+            if after is not None:
+                self._move(after, g.version_W, step)
+        except Exception as err:  # noqa: BLE001 - reported to every rank through combine
+            step.fail(err, "replica transfer")
+        stats = self._stats(decision, global_E, counts_WE, send_WP, step, grad)
+        if step.error is None:
+            try:
+                self.last_stats = stats
+                self.hooks(stats)
+            except Exception as err:  # noqa: BLE001 - reported to every rank through combine
+                step.fail(err, "stats hook")
+
+        # 8. combine; its exchange carries every rank's status, so all ranks raise together.
+        code = failure_code(step.error, step.where) if step.error is not None else 0
+        out_TH, codes_W = combine(y_MH, weight_TK, meta, group, failed=code, kernels=self._kernels(grad))
+        if any(codes_W):
+            self._start_over()
+        raise_failures(codes_W, step.error, rank)
+        self.runs += 1
+        self.l_aux, self.exp_counts = routes.l_aux, routes.exp_counts_E
+        return out_TH.reshape(x.shape)
+
+    # ------------------------------------------------------------------------ steps of the data path
+
+    def _group(self):
         group = self.ep_group
         if self.ep_size > 1 and group is None:
             raise RuntimeError("ReplicatedMoE has no expert-parallel group: call deepspeed.initialize(...) or "
                                "layer.set_deepspeed_parallelism() before the first forward")
-        W, rank, E, k = self.ep_size, group_rank(group), self.num_experts, self.gate.k
-        if group_size(group) != W:
-            raise RuntimeError(f"expert-parallel group has {group_size(group)} ranks, the layer expects ep_size={W}")
-        ctl = self.controller
-        lookahead.link(self)
-        ctl.begin_step(next(self.experts.parameters()))
-        nxt = self.next_layer if lookahead.active(self.next_layer) else None
+        if group_size(group) != self.ep_size:
+            raise RuntimeError(f"expert-parallel group has {group_size(group)} ranks, the layer expects "
+                               f"ep_size={self.ep_size}")
+        return group
 
-        # 1-2. gate and count locally (and the next layer's loads, if this layer looks ahead);
-        # one all-gather shares counts, landing flags and errors.
-        error, routes, x_TH = None, None, None
-        counts_E = torch.zeros(E, dtype=torch.int64, device=x.device)
-        ahead_E = None if nxt is None else torch.zeros(nxt.num_experts, dtype=torch.int64, device=x.device)
-        try:
-            x_TH, routes, counts_E = self._gate(x, used_token)
-            if nxt is not None:
-                ahead_E = lookahead.predict_counts(nxt, x_TH)
-        except Exception as err:  # noqa: BLE001 - re-raised on every rank by gather_step
-            error = err
-        # NOTE: asked as late as possible, so that transfers have the gate's time to finish too.
-        landed = ctl.poll()
-        g = gather_step(counts_E, 0 if x_TH is None else x_TH.shape[0], error, group, landed, ahead_E)
-        counts_WE = g.counts_WE
-        activated = ctl.settle(bool(g.landed_W.all()))
-        late = ctl.late
-        global_E = counts_WE.sum(axis=0)
-        if self.replication.predictor == "oracle":
-            activated = ctl.oracle(global_E, self.experts.deepspeed_experts, rank, group) or activated
+    def _kernels(self, grad: bool) -> str:
+        # NOTE: the Triton kernels have no backward; steps with gradients use the PyTorch twins.
+        return "torch" if grad else self.replication.kernels
 
-        # 3. split among the copies of the active placement.
-        placement = ctl.placement
-        if self.replication.dropless:
-            send_WP = transport(counts_WE, placement, self.replication.prefer_local)
-            expert_TK = routes.expert_TK
+    def _gate(self, x: torch.Tensor, used_token: Optional[torch.Tensor], grad: bool):
+        H = self.hidden_size
+        if x.dim() < 1 or x.shape[-1] != H:
+            raise ValueError(f"hidden_states must end in hidden_size={H}, got shape {tuple(x.shape)}")
+        param = self.gate.wg.weight
+        if x.device != param.device:
+            raise ValueError(f"hidden_states are on {x.device}, the layer's weights on {param.device}")
+        expert_dtype = next(self.home_experts[0].parameters()).dtype
+        if x.dtype != expert_dtype:
+            raise ValueError(f"hidden_states have dtype {x.dtype}, the experts' weights {expert_dtype}")
+        if grad and self.training and self.gate.noisy_gate_policy is not None:
+            raise ValueError(f"noisy_gate_policy={self.gate.noisy_gate_policy!r} adds random noise in training, "
+                             "which the replicated path does not reproduce; use noisy_gate_policy=None")
+        x_TH = x.reshape(-1, H)
+        if used_token is not None and used_token.numel() != x_TH.shape[0]:
+            raise ValueError(f"used_token has {used_token.numel()} entries for {x_TH.shape[0]} tokens")
+        routes = route(self.gate, x_TH, None if used_token is None else used_token.reshape(-1),
+                       kernels=self._kernels(grad))
+        taken = routes.expert_TK[routes.expert_TK >= 0]
+        return x_TH, routes, torch.bincount(taken, minlength=self.num_experts)
+
+    def _decide(self, global_E: np.ndarray, g, store: Optional[ReplicaStore], grad: bool, step: _Step) -> Decision:
+        # NOTE: the policy's state advances alike on every rank even when a rank's transfer
+        # fails here (the failure is raised on every rank at the combine), so that every rank
+        # still splits over the same placement and the exchanges keep their agreed sizes.
+        landed = bool(g.landed_W.all())
+        if store is not None and store.in_flight and landed:
+            try:
+                step.waited_ms += store.land()
+            except Exception as err:  # noqa: BLE001 - reported to every rank through combine
+                step.fail(err, "replica transfer")
+            self.table.commit()
+        decision = self.policy.decide(global_E, landed, lambda pl: self.table.valid(pl, g.version_W), grad)
+        if decision.prefetch_now:
+            try:
+                self._move(decision.prefetch, g.version_W, step)
+                step.waited_ms += self.store.land()
+            except Exception as err:  # noqa: BLE001 - reported to every rank through combine
+                step.fail(err, "replica transfer")
+            self.table.commit()
+            self.policy.land_pending()
+        return decision
+
+    def _start_over(self) -> None:
+        """After a failed step (on every rank alike): replica state starts over from the home
+        placement; transfers in flight are abandoned (their tags are never reused)."""
+        if self._store is not None:
+            self._store.reset(wait=False)
+        generation = self.policy.transfers
+        self.policy = ReplicationPolicy(self.replication, self.num_experts, self.ep_size)
+        self.policy.transfers = generation
+        self.table = ReplicaTable(self.policy.home.phy2log_P.size)
+        if self.chain is not None and self.chain.is_driven(self):
+            self.policy.driven = True
+
+    def _move(self, new: Placement, version_W: np.ndarray, step: Optional[_Step] = None) -> None:
+        """Start moving the copies of ``new`` that are not resident and current."""
+        resident = new.without(~self.table.valid(new, version_W))
+        transfers = plan_transfers(resident, new)
+        group = self.ep_group
+        self.policy.transfers += 1
+        received = self.store.start(transfers, self.home_experts, group_rank(group), group, new.experts_per_rank,
+                                    tag=self._tag())
+        self.table.begin(transfers, new, version_W)
+        if step is not None:
+            step.moved += len(transfers) * self.store.bytes_per_replica
+            step.received += received
+
+    def _tag(self) -> int:
+        """The point-to-point tag of this layer's current transfer: the same on every rank, and
+        never that of an earlier (possibly abandoned) transfer of this layer."""
+        return (self.uid * 65521 + self.policy.transfers) % (1 << 24)
+
+    def _split(self, counts_WE: np.ndarray, tokens_W: np.ndarray, placement: Placement) -> np.ndarray:
+        cfg = self.replication
+        if cfg.dropless:
+            return transport(counts_WE, placement, cfg.prefer_local)
+        capacity_W = capacity_per_expert(tokens_W, self.num_experts, self.gate.k,
+                                         self.gate.capacity_factor if self.training else self.gate.eval_capacity_factor,
+                                         self.gate.min_capacity)
+        return capacity_transport(counts_WE, capacity_W, placement, cfg.prefer_local)
+
+    def _fetch(self, placement: Placement, rank: int, group, step: _Step):
+        layout = ExpertLayout(self.home_experts[0])
+        transfers = plan_transfers(None, placement)
+        params = self.home_params()
+        self.policy.transfers += 1
+        spec = FetchSpec(transfers, rank, group, placement.experts_per_rank, len(layout.names), layout.numel,
+                         self.replication.timeout_s, tag=self._tag())
+        buf_QN, anchor = fetch_replicas(spec, params)
+        # Weights out and gradients back.
+        per_copy = layout.numel * params[0].element_size()
+        step.moved += 2 * len(transfers) * per_copy
+        step.received += 2 * buf_QN.shape[0] * per_copy
+        return (spec, buf_QN, layout), anchor
+
+    def _run_slots(self, rows_MH: torch.Tensor, slot_rows_C, placement: Placement, fetched, step: _Step):
+        """Every home expert on its rows (also on none, so that each gets a gradient, as in the
+        stock layer), then each replica slot on its rows."""
+        e_loc = placement.experts_per_rank
+        outs, start = [], 0
+        experts = self.home_experts
+        for j, n in enumerate(slot_rows_C):
+            chunk = rows_MH[start:start + n]
+            start += n
+            if j < e_loc:
+                y = experts[j](chunk)
+            elif n == 0:
+                continue
+            else:
+                y = self._run_replica(j - e_loc, chunk, placement, fetched, step)
+            outs.append(y[0] if isinstance(y, tuple) else y)
+        return torch.cat(outs) if outs else torch.zeros_like(rows_MH)
+
+    def _run_replica(self, slot: int, chunk: torch.Tensor, placement: Placement, fetched, step: _Step):
+        template = self.home_experts[0]
+        if fetched is None:
+            params = self.store.params(slot)
         else:
-            capacity_W = _capacity(g.tokens_W, E, k, self.gate.eval_capacity_factor, self.gate.min_capacity)
-            send_WP = capacity_transport(counts_WE, capacity_W, placement, self.replication.prefer_local)
-            # Routes this rank keeps per expert (empty slots send nothing, so they add 0 to expert 0).
-            keep_E = np.bincount(np.maximum(placement.phy2log_P, 0), weights=send_WP[rank], minlength=E)
-            expert_TK = drop_over_capacity(routes.expert_TK, torch.from_numpy(keep_E.astype(np.int64)).to(x.device))
-        weight_TK = normalized_weight_TK(Routes(expert_TK, routes.weight_TK, routes.l_aux, routes.exp_counts_E), k)
+            spec, buf_QN, layout = fetched
+            if spec.reqs:
+                spec.wait()
+                step.waited_ms += spec.waited_ms
+            row = [t.slot for t in spec.received].index(slot)
+            params = layout.named(buf_QN[row])
+        return torch.func.functional_call(template, params, (chunk,))
 
-        # 7. observe; start prefetching replicas (this layer's next history plan, or the next
-        # layer's lookahead plan): the transfers overlap the dispatch and expert compute below.
-        ctl.observe(global_E, self.experts.deepspeed_experts, rank, group)
-        if nxt is not None:
-            nxt.controller.prefetch(g.lookahead_WE.sum(axis=0), nxt.experts.deepspeed_experts, rank, group)
-
-        # 4-6. dispatch, experts over home and replica slots, combine.
-        rows_MH, meta = dispatch(x_TH, expert_TK, send_WP, placement, rank, group, kernels=self.replication.kernels)
-        expert_error = None
-        try:
-            y_MH = self._run_slots(rows_MH, meta.slot_rows_C, placement)
-        except Exception as err:  # noqa: BLE001 - reported to every rank through combine
-            expert_error, y_MH = err, torch.zeros_like(rows_MH)
-        out_TH, failed = combine(y_MH, weight_TK, meta, group, failed=expert_error is not None,
-                                 kernels=self.replication.kernels)
-        traffic = ctl.end_step()
-        if failed:
-            if expert_error is not None:
-                raise ReplicationError(f"expert computation failed on expert-parallel rank {rank}: {expert_error}") \
-                    from expert_error
-            raise ReplicationError(f"expert computation failed on expert-parallel rank(s) {failed}; rank {rank} "
-                                   "stops too")
-
-        self.l_aux, self.exp_counts = routes.l_aux, routes.exp_counts_E
+    def _stats(self, decision: Decision, global_E, counts_WE, send_WP, step: _Step, grad: bool) -> StepStats:
+        placement = decision.placement
+        W = self.ep_size
         rank_tokens_W = torch.from_numpy(send_WP.reshape(-1, W, placement.slots_per_rank_total).sum(axis=(0, 2)))
-        l1, recall = prediction_quality(ctl.prediction, global_E, W)
-        stats = StepStats(
-            step=ctl.step - 1,
+        prediction = self.policy.prediction
+        l1, recall = prediction_quality(prediction, global_E, W)
+        return StepStats(
+            step=self.policy.step - 1,
             plan_version=placement.version,
             counts_E=torch.from_numpy(global_E),
             rank_tokens_W=rank_tokens_W,
             balancedness=float(balancedness(rank_tokens_W)),
             dropped_tokens=int(counts_WE.sum() - send_WP.sum()),
             num_replicas=placement.num_replicas,
-            replanned=traffic.replanned,
-            activated=activated,
-            bytes_moved=traffic.bytes_moved,
-            bytes_received=traffic.bytes_received,
-            exposed_wait_ms=traffic.exposed_wait_ms,
-            predictor=self.replication.predictor if ctl.driven or self.replication.predictor not in lookahead.AHEAD
-            else "ema",
-            predicted_E=None if ctl.prediction is None else torch.from_numpy(np.asarray(ctl.prediction)),
+            replanned=decision.replanned,
+            activated=decision.activated,
+            bytes_moved=step.moved,
+            bytes_received=step.received,
+            exposed_wait_ms=step.waited_ms,
+            predictor=self.replication.predictor if self.policy.source == self.policy.predictor.source else "ema",
+            predicted_E=None if prediction is None else torch.from_numpy(np.asarray(prediction)),
             prediction_l1=l1,
             hot_recall=recall,
-            prefetch_late=late,
+            prefetch_late=decision.late,
+            training=grad,
         )
-        self.last_stats = stats
-        self.hooks(stats)
-        return out_TH.reshape(x.shape)
 
-
-def prediction_quality(predicted_E: Optional[np.ndarray], actual_E: np.ndarray, ep_size: int):
-    """(L1 distance between predicted and actual load shares, recall of the hot experts).
-
-    Hot experts are those whose actual load exceeds a mean rank's load (the ones that need
-    copies); recall is the fraction of them the prediction also puts above its mean rank load.
-    Both are NaN without a prediction; recall is 1.0 when no expert is hot.
-    """
-    if predicted_E is None:
-        return float("nan"), float("nan")
-    pred = np.asarray(predicted_E, dtype=np.float64)
-    act = np.asarray(actual_E, dtype=np.float64)
-    p_share = pred / pred.sum() if pred.sum() > 0 else np.full_like(pred, 1.0 / pred.size)
-    a_share = act / act.sum() if act.sum() > 0 else np.full_like(act, 1.0 / act.size)
-    hot = a_share > 1.0 / ep_size
-    recall = float((p_share[hot] > 1.0 / ep_size).mean()) if hot.any() else 1.0
-    return float(np.abs(p_share - a_share).sum()), recall
+    def _agree_replication_off(self, x: torch.Tensor) -> None:
+        """Once per configuration, tell the other ranks that replication is off here: a rank with
+        it on gets a clear error instead of mismatched collectives."""
+        if self._agreed_off or self.ep_size == 1 or self.ep_group is None:
+            return
+        self._agreed_off = True
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+        gather_step(counts, Fingerprint(SITE_OFF, self.config_hash), self.ep_group)
 
 
 class ReplicatedMoE(MoE):
@@ -252,9 +485,8 @@ class ReplicatedMoE(MoE):
 
     Takes every ``MoE`` argument, plus ``replication``: a ``ReplicationConfig``, the
     ``"moe_replication"`` dict, or None (replication off, the stock layer's behaviour). The
-    outputs are those of the stock layer run dropless: replication changes where a token is
-    computed, never which expert computes it. Replication acts in eval mode; in training mode the
-    stock forward runs.
+    outputs and gradients are those of the stock layer run dropless: replication changes where a
+    token is computed, never which expert computes it. It acts in training and in inference.
 
     Returns ``(output, l_aux, exp_counts)`` like ``MoE``; ``last_stats`` holds the last
     replicated step's ``StepStats``.
@@ -285,7 +517,8 @@ class ReplicatedMoE(MoE):
         return self.deepspeed_moe.last_stats
 
     def register_stats_hook(self, fn: Callable[[StepStats], None]) -> RemovableHandle:
-        """Call ``fn(stats)`` after every replicated forward; returns a handle with ``remove()``."""
+        """Call ``fn(stats)`` after every replicated forward; returns a handle with ``remove()``.
+        An exception in ``fn`` is raised as ``ReplicationError`` on every rank of the group."""
         return self.deepspeed_moe.hooks.register(fn)
 
 
@@ -298,9 +531,9 @@ def configure_replication(model_or_engine: nn.Module, ds_config: Union[str, Mapp
         ds_config: a DeepSpeed config path or dict; overrides the engine's.
 
     Returns:
-        The number of layers configured. Call on every rank, between steps. With the
-        ``"lookahead"`` predictor a forward hook is attached (once) to the model's input
-        embeddings, to predict the first MoE layer's loads.
+        The number of layers configured. Call on every rank, between steps, any number of
+        times. The model's layers share one lookahead chain; with an AHEAD predictor a forward
+        hook on the model's input embeddings predicts the first MoE layer's loads.
     """
     if ds_config is None:
         ds_config = getattr(model_or_engine, "config", None)
@@ -308,14 +541,18 @@ def configure_replication(model_or_engine: nn.Module, ds_config: Union[str, Mapp
             raise ValueError("pass ds_config, or a DeepSpeed engine whose .config holds the DeepSpeed config dict")
     config = ReplicationConfig.from_ds_config(ds_config)
     layers = [m for m in model_or_engine.modules() if isinstance(m, ReplicatedMoE)]
-    for layer in layers:
+    distiller = None
+    if config.enabled and config.predictor == "learned":
+        from .learned import RouterDistiller
+
+        distiller = RouterDistiller.load(config.learned_path)
+    chain = Chain(distiller)
+    for i, layer in enumerate(layers):
         layer.configure(config)
-    if layers and config.enabled and config.predictor in lookahead.AHEAD:
-        # "lookahead": the first MoE layer is predicted from the input embeddings, the others
-        # from the layer before them; without an embedding module the first falls back to "ema".
-        # "learned": every layer is predicted from the embeddings by the distilled predictor.
-        distiller = RouterDistiller.load(config.learned_path) if config.predictor == "learned" else None
-        hook = lookahead.attach_entry(model_or_engine, lambda first=layers[0]: first.deepspeed_moe, distiller)
+        layer.deepspeed_moe.chain = chain
+        layer.deepspeed_moe.uid = i
+    if layers and config.enabled and layers[0].deepspeed_moe.wants_ahead:
+        hook = attach_entry(model_or_engine, chain)
         if hook is None and distiller is not None:
             raise ValueError("moe_replication.predictor 'learned' predicts from the input embeddings, and this model "
                              "has no get_input_embeddings() nor nn.Embedding")

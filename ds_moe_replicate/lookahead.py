@@ -1,52 +1,50 @@
-"""Cross-layer lookahead: the order of a model's ReplicatedMoE layers, found on the first forward,
-and the prediction of a layer's loads from an earlier point of the residual stream.
+"""Cross-layer prediction: the order of one model's replicated MoE layers, found on its first
+forward, and the prediction of a layer's loads from an earlier point of the residual stream.
 
-A node is a ``ReplicatedMOELayer`` or an ``EntryHook`` (a forward hook on the model's input
-embeddings). The first time a node runs, the node that ran just before it (and had run once)
-becomes its predecessor. From then on the predecessor applies the node's gate to its own input,
-so the node's loads for *this* batch are known one layer ahead; the counts travel in the
-predecessor's all-gather (no extra collective), and the node's replicas are prefetched while the
-predecessor computes. Dense layers in between do not matter. Every rank runs the same modules in
-the same order, so every rank links the same layers.
+A ``Chain`` belongs to one model (``configure_replication`` makes it); its nodes are the model's
+``ReplicatedMOELayer``s and, optionally, an ``EntryHook`` (a forward hook on the model's input
+embeddings). The first time a node runs, the node that ran just before it in the same chain
+becomes its predecessor. From then on the predecessor predicts the node's loads for *this*
+batch before the node runs: with ``"lookahead"`` by applying the node's gate to its own input,
+with ``"learned"`` from the distilled predictor's output at the embeddings. The counts travel in
+the predecessor's all-gather (no extra collective), and the node's copies are prefetched while
+the predecessor computes. Every rank runs the same modules in the same order, so every rank
+links the same layers; the links are part of each step's fingerprint.
 
-Legend: T tokens, H hidden, E logical experts.
+What a node needs (``AheadNode``) is declared below; the layer implements it.
+
+Legend: T tokens, H hidden, L MoE layers, E logical experts.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import List, Optional
+from typing import Dict, Optional, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
-from .comm import gather_step, group_rank
+from .comm import SITE_ENTRY, Fingerprint, gather_step
 from .gating import route
 
-__all__ = ["link", "predict_counts", "active", "chain", "EntryHook", "attach_entry", "find_entry"]
-
-_last: Optional[weakref.ReferenceType] = None
+__all__ = ["AheadNode", "Chain", "EntryHook", "attach_entry", "find_entry", "predict_counts"]
 
 
-AHEAD = ("lookahead", "learned")
+class AheadNode(Protocol):
+    """What the chain reads of a node (a layer, or the entry hook)."""
 
+    runs: int                   # forwards so far
+    ep_group: object
+    num_experts: int
 
-def _wants_lookahead(node) -> bool:
-    layer = getattr(node, "moe_layer", node)
-    return getattr(layer, "replication", None) is not None and layer.replication.predictor in AHEAD
+    @property
+    def wants_ahead(self) -> bool:
+        """Runs its replicated path with an AHEAD predictor now (the same on every rank)."""
 
-
-def link(node) -> None:
-    """Record that ``node`` runs now; on its first run, make the node that ran before it its
-    predecessor (if that one ran exactly once and both want lookahead over the same group)."""
-    global _last
-    prev = _last() if _last is not None else None
-    if (prev is not None and prev is not node and node.runs == 0 and prev.runs == 1 and prev.next_layer is None
-            and hasattr(node, "controller") and _wants_lookahead(node) and _wants_lookahead(prev)
-            and prev.hidden_size == node.hidden_size and prev.ep_group is node.ep_group):
-        prev.set_next(node)
-        node.mark_driven()
-    _last = weakref.ref(node)
+    def offer_ahead(self, predicted_E: np.ndarray, version_W: np.ndarray, grad: bool) -> None:
+        """Take this batch's predicted loads (and prefetch for them; ``version_W``: the node's
+        home weights versions, gathered)."""
 
 
 def predict_counts(layer, x_TH: torch.Tensor) -> torch.Tensor:
@@ -56,87 +54,93 @@ def predict_counts(layer, x_TH: torch.Tensor) -> torch.Tensor:
     return torch.bincount(expert_TK[expert_TK >= 0], minlength=layer.num_experts)
 
 
-def active(layer, predictors=("lookahead",)) -> bool:
-    """``layer`` will run its replicated path with one of ``predictors`` (the same answer on
-    every rank)."""
-    return (layer is not None and layer.replication.enabled and not layer.training
-            and layer.replication.predictor in predictors)
+class Chain:
+    """The lookahead links of one model's nodes."""
 
+    def __init__(self, distiller=None) -> None:
+        self.distiller = distiller
+        self._last: Optional[weakref.ReferenceType] = None
+        self._next: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self._index: Dict[int, int] = {}   # id(layer) -> position among the chain's layers
+        self.learned_LE: Optional[torch.Tensor] = None  # this batch's learned counts, local
 
-def chain(first) -> List:
-    """The linked layers from ``first`` on, in execution order."""
-    out = []
-    while first is not None and first not in out:
-        out.append(first)
-        first = first.next_layer
-    return out
+    def link(self, node) -> None:
+        """Record that ``node`` runs now; on its first run, link it after the node that ran
+        just before it (if that one ran exactly once and both predict ahead over one group)."""
+        prev = self._last() if self._last is not None else None
+        if (prev is not None and prev is not node and node.runs == 0 and prev.runs == 1
+                and self.next_of(prev) is None and isinstance(node, nn.Module)
+                and (isinstance(prev, EntryHook)
+                     or (prev.ep_group is node.ep_group and prev.num_experts == node.num_experts))):
+            self._next[prev] = weakref.ref(node)
+            node.policy.driven = True
+        if isinstance(node, nn.Module) and id(node) not in self._index:
+            self._index[id(node)] = len(self._index)
+        self._last = weakref.ref(node)
+
+    def next_of(self, node):
+        ref = self._next.get(node)
+        return ref() if ref is not None else None
+
+    def is_driven(self, node) -> bool:
+        return any(ref() is node for ref in self._next.values())
+
+    def ahead_counts(self, node, x_TH: torch.Tensor) -> Optional[torch.Tensor]:
+        """Local predicted counts of the node ``node`` predicts, or None if it predicts none now."""
+        nxt = self.next_of(node)
+        if nxt is None or not nxt.wants_ahead:
+            return None
+        if nxt.policy.predictor.needs_file:
+            if self.learned_LE is None:
+                return None
+            return self.learned_LE[self._index[id(nxt)]]
+        return predict_counts(nxt, x_TH)
 
 
 class EntryHook:
-    """Forward hook on the input embeddings: predicts the first MoE layer's loads (lookahead),
-    or every layer's (learned, with ``distiller``)."""
+    """Forward hook on the input embeddings: predicts the first layer's loads (and, with the
+    learned predictor, every layer's, kept in the chain for the layers to pass on)."""
 
-    def __init__(self, module: nn.Module, predictor_of, distiller=None) -> None:
-        self.distiller = distiller
+    ep_group = None
+    num_experts = 0
+
+    def __init__(self, module: nn.Module, chain: Chain) -> None:
+        self.chain = chain
         self.runs = 0
-        self.hidden_size = module.weight.shape[-1] if hasattr(module, "weight") else None
-        self.ep_group = None
-        self._next: Optional[weakref.ReferenceType] = None
-        self._moe_of = predictor_of
         self.handle = module.register_forward_hook(self)
-
-    @property
-    def next_layer(self):
-        return self._next() if self._next is not None else None
-
-    def set_next(self, layer) -> None:
-        self._next = weakref.ref(layer)
-
-    @property
-    def moe_layer(self):
-        return self._moe_of()
 
     def __call__(self, module: nn.Module, inputs, output) -> None:
         h = output[0] if isinstance(output, tuple) else output
-        nxt = self.next_layer
-        if nxt is None:
-            # Not linked yet: take the group and hidden size of the layers this hook serves.
-            self.ep_group = getattr(self._moe_of(), "ep_group", None)
-        link(self)
+        chain = self.chain
+        chain.link(self)
         self.runs += 1
-        if not active(nxt, AHEAD):
+        nxt = chain.next_of(self)
+        if nxt is None or not nxt.wants_ahead:
             return
-        learned = nxt.replication.predictor == "learned"
-        layers = chain(nxt) if learned else [nxt]
-        if learned and self.distiller is None:
-            raise RuntimeError("moe_replication.predictor is 'learned' but no predictor was loaded: call "
-                               "configure_replication(model, ds_config) after setting learned_path")
-        if learned and (self.distiller.num_layers != len(layers)
-                        or any(layer.num_experts != self.distiller.num_experts for layer in layers)):
-            raise ValueError(f"moe_replication.learned_path: the predictor covers {self.distiller.num_layers} layers "
-                             f"of {self.distiller.num_experts} experts, the model runs {len(layers)} MoE layers of "
-                             f"{[layer.num_experts for layer in layers]}")
-        error, x_TH = None, None
-        counts = torch.zeros(sum(layer.num_experts for layer in layers), dtype=torch.int64, device=h.device)
+        error, x_TH, ahead = None, None, None
         try:
             x_TH = h.detach().reshape(-1, nxt.hidden_size)
-            if learned:
-                counts = self.distiller.to(x_TH.device).predict_counts(x_TH).reshape(-1)
-            else:
-                counts = predict_counts(nxt, x_TH)
+            if nxt.policy.predictor.needs_file:
+                chain.learned_LE = self._learned(x_TH)
+            ahead = chain.ahead_counts(self, x_TH)
         except Exception as err:  # noqa: BLE001 - re-raised on every rank by gather_step
             error = err
-        empty = torch.zeros(0, dtype=torch.int64, device=h.device)
-        g = gather_step(empty, 0 if x_TH is None else x_TH.shape[0], error, nxt.ep_group, lookahead_E=counts)
-        predicted = g.lookahead_WE.sum(axis=0)
-        start = 0
-        for layer in layers:
-            layer.controller.prefetch(predicted[start:start + layer.num_experts], layer.experts.deepspeed_experts,
-                                      group_rank(layer.ep_group), layer.ep_group)
-            start += layer.num_experts
+        zeros = torch.zeros(nxt.num_experts, dtype=torch.int64, device=h.device)
+        g = gather_step(zeros, Fingerprint(SITE_ENTRY, config=nxt.config_hash), nxt.ep_group,
+                        tokens=0 if x_TH is None else x_TH.shape[0], error=error, where="replication policy",
+                        ahead_E=ahead, ahead_version=nxt.weights_version())
+        nxt.offer_ahead(g.ahead_WE.sum(axis=0), g.ahead_version_W, nxt.grad_step())
 
-
-_entries: "weakref.WeakKeyDictionary[nn.Module, EntryHook]" = weakref.WeakKeyDictionary()
+    def _learned(self, x_TH: torch.Tensor) -> torch.Tensor:
+        distiller = self.chain.distiller
+        if distiller is None:
+            raise RuntimeError("moe_replication.predictor is 'learned' but no predictor was loaded: call "
+                               "configure_replication(model, ds_config) after setting learned_path")
+        layers = len(self.chain._index)
+        if distiller.num_layers != layers:
+            raise ValueError(f"moe_replication.learned_path: the predictor covers {distiller.num_layers} layers, "
+                             f"the model runs {layers} replicated MoE layers")
+        return distiller.to(x_TH.device).predict_counts(x_TH)
 
 
 def find_entry(model: nn.Module) -> Optional[nn.Module]:
@@ -150,13 +154,15 @@ def find_entry(model: nn.Module) -> Optional[nn.Module]:
     return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
 
 
-def attach_entry(model: nn.Module, first_layer_of, distiller=None) -> Optional[EntryHook]:
-    """Put (once) an ``EntryHook`` on the model's input embeddings and give it ``distiller``;
-    returns it (None if the model has no embedding module)."""
+def attach_entry(model: nn.Module, chain: Chain) -> Optional[EntryHook]:
+    """Put an ``EntryHook`` for ``chain`` on the model's input embeddings (replacing one a
+    previous configuration left); returns it (None if the model has no embedding module)."""
     entry = find_entry(model)
     if entry is None:
         return None
-    if entry not in _entries:
-        _entries[entry] = EntryHook(entry, first_layer_of)
-    _entries[entry].distiller = distiller
-    return _entries[entry]
+    old = getattr(entry, "_ds_moe_entry", None)
+    if old is not None:
+        old.handle.remove()
+    hook = EntryHook(entry, chain)
+    entry._ds_moe_entry = hook
+    return hook

@@ -36,6 +36,7 @@ __all__ = [
     "split_loads",
     "max_rank_load_lower_bound",
     "balancedness",
+    "home_balancedness",
     "home_plan",
 ]
 
@@ -452,6 +453,13 @@ def balancedness(rank_load: ArrayLike) -> torch.Tensor:
     x = x.to(torch.float64)
     top = x.amax(dim=-1)
     return torch.where(top > 0, x.mean(dim=-1) / top.clamp_min(1e-300), torch.ones_like(top))
+
+
+def home_balancedness(counts_E: ArrayLike, ep_size: int) -> float:
+    """Balancedness of the routes each rank's home experts receive: the stock layer's (and the
+    ragged path's without replicas) real work per rank."""
+    x = counts_E if isinstance(counts_E, torch.Tensor) else torch.as_tensor(np.asarray(counts_E))
+    return float(balancedness(x.reshape(ep_size, -1).sum(dim=1)))
 
 
 def max_rank_load_lower_bound(load: ArrayLike, ep_size: int, slots_per_rank: int) -> torch.Tensor:

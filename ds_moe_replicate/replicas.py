@@ -1,15 +1,23 @@
-"""Replica slot weights on this rank, and their prefetch from the experts' home ranks.
+"""Replica slots of one layer on this rank, for steps without gradients (inference).
 
-Each rank has S replica slots. A slot's weights live in flat rows of ``buffers [2, S, numel]``
-(plain tensors, not parameters, so ``state_dict`` keeps exactly the stock keys). When a new plan
-is made, every slot whose expert changes receives that expert's weights from its home rank by
-point-to-point transfer into its spare buffer while the current step computes; at the start of the
-next step the ranks agree (in the step's all-gather) whether every transfer has landed; if so the
-received slots switch to the new weights, otherwise the old plan serves one more step. A replica
-is therefore never read before its weights have arrived, and every rank switches plans at the
-same step.
+Each rank has S replica slots, one weight buffer each (``buffers [S, numel]``: a slot costs the
+memory of one expert). Their weights are prefetched from the experts' home ranks by point-to-point
+transfers that overlap compute. A slot is refilled only while nothing reads it: transfers start
+after the layer's experts ran (history plans) or before the layer runs (lookahead plans), and a
+slot in flight serves no tokens until every rank has reported, in a step's all-gather, that its
+transfers landed.
 
-Legend: S replica slots per rank, C slots per rank (E_loc + S).
+Every rank keeps the same table of all W * S replica slots (``ReplicaTable``): which expert each
+holds and at which weights versions (of the expert's home rank and of the holder) it was copied.
+Home versions travel in each step's all-gather, so every rank derives the same set of valid
+copies; a copy whose home weights (or holder) changed since it was made serves nothing until
+refreshed (docs/design.md, "Never stale").
+
+Completion (docs/design.md, "GPU-correct"): on CUDA a transfer has landed when every request's
+``is_completed()`` is true (NCCL reports it once the kernel that wrote the buffer finished); on
+gloo a background thread waits for the requests (gloo reports completion only to a waiter).
+
+Legend: S replica slots per rank, W ranks, C = E_loc + S slots per rank, P = W * C.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import atexit
 import threading
 import time
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,18 +36,13 @@ from torch import nn
 from .comm import global_rank
 from .placement import Placement, Transfer
 
-__all__ = ["ReplicaStore"]
+__all__ = ["ReplicaStore", "ReplicaTable", "ExpertLayout", "flatten_expert"]
 
 
-class ReplicaStore:
-    """The replica slots of one layer on this rank.
+class ExpertLayout:
+    """How an expert's parameters lie in one flat row (refuses experts that cannot be copied)."""
 
-    Two weight buffers per slot: the current one (read by the experts) and the other one (where
-    the next plan's weights arrive). Landing a prefetch flips the received slots, so no copy is
-    made and a replica never reads weights still in flight.
-    """
-
-    def __init__(self, template: nn.Module, num_slots: int) -> None:
+    def __init__(self, template: nn.Module) -> None:
         params = list(template.named_parameters())
         if any(True for _ in template.buffers()):
             raise NotImplementedError("replicating experts with buffers is not supported; "
@@ -47,16 +50,90 @@ class ReplicaStore:
         dtypes = {p.dtype for _, p in params}
         if len(dtypes) > 1:
             raise NotImplementedError(f"replicated experts need one parameter dtype, found {sorted(map(str, dtypes))}")
-        self.template = template
-        self.num_slots = num_slots
         self.names = [n for n, _ in params]
         self.shapes = [p.shape for _, p in params]
         self.numels = [p.numel() for _, p in params]
         self.numel = sum(self.numels)
-        self.buffers: Optional[torch.Tensor] = None  # [2, S, numel]
-        self.current = np.zeros(num_slots, dtype=np.int64)
-        self._views: List[List[Dict[str, torch.Tensor]]] = []
-        self._pending: Optional[_Pending] = None
+
+    def named(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Views of a flat row, named as the expert's parameters."""
+        chunks = torch.split(flat, self.numels)
+        return {n: c.view(shape) for n, c, shape in zip(self.names, chunks, self.shapes)}
+
+
+def flatten_expert(expert: nn.Module) -> torch.Tensor:
+    """The expert's parameters as one flat tensor (a copy)."""
+    return torch.cat([p.detach().reshape(-1) for p in expert.parameters()])
+
+
+class ReplicaTable:
+    """What every replica slot of the group holds; the same on every rank.
+
+    Attributes:
+        expert_P: expert whose weights the slot holds (-1 none).
+        home_version_P / holder_version_P: the weights versions of the expert's home rank and of
+            the holder when the copy was made.
+    """
+
+    def __init__(self, num_slots: int) -> None:
+        self.expert_P = np.full(num_slots, -1, dtype=np.int64)
+        self.home_version_P = np.zeros(num_slots, dtype=np.int64)
+        self.holder_version_P = np.zeros(num_slots, dtype=np.int64)
+        self._pending = None
+
+    def begin(self, transfers: Sequence[Transfer], placement: Placement, version_W: np.ndarray) -> None:
+        """Copies of ``transfers`` started (at weights versions ``version_W``): their slots hold
+        nothing usable until ``commit``."""
+        self.forget(transfers, placement)
+        self._pending = (list(transfers), placement, np.array(version_W))
+
+    def cancel(self) -> None:
+        """The copies in flight were discarded (their slots stay empty)."""
+        self._pending = None
+
+    def commit(self) -> None:
+        """Every rank's copies in flight landed."""
+        if self._pending is not None:
+            self.record(*self._pending)
+            self._pending = None
+
+    def record(self, transfers: Sequence[Transfer], placement: Placement, version_W: np.ndarray) -> None:
+        C, e_loc = placement.slots_per_rank_total, placement.experts_per_rank
+        for t in transfers:
+            p = t.dst * C + e_loc + t.slot
+            self.expert_P[p] = t.expert
+            self.home_version_P[p] = version_W[t.src]
+            self.holder_version_P[p] = version_W[t.dst]
+
+    def forget(self, transfers: Sequence[Transfer], placement: Placement) -> None:
+        """The slots of ``transfers`` are being overwritten: they hold nothing usable."""
+        C, e_loc = placement.slots_per_rank_total, placement.experts_per_rank
+        for t in transfers:
+            self.expert_P[t.dst * C + e_loc + t.slot] = -1
+
+    def valid(self, placement: Placement, version_W: np.ndarray) -> np.ndarray:
+        """bool [P]: slots of ``placement`` whose copy is resident and current (home slots: True)."""
+        C, e_loc = placement.slots_per_rank_total, placement.experts_per_rank
+        P = placement.phy2log_P.size
+        rank_P = np.arange(P) // C
+        home_P = np.where(placement.phy2log_P >= 0, placement.phy2log_P // max(e_loc, 1), 0)
+        ok = ((self.expert_P == placement.phy2log_P) & (self.home_version_P == version_W[home_P])
+              & (self.holder_version_P == version_W[rank_P]))
+        return ok | ((np.arange(P) % C) < e_loc)
+
+
+class ReplicaStore:
+    """The replica slot buffers of one layer on this rank and their transfers in flight."""
+
+    def __init__(self, template: nn.Module, num_slots: int, timeout_s: float = 300.0) -> None:
+        self.template = template
+        self.num_slots = num_slots
+        self.timeout_s = timeout_s
+        self.layout = ExpertLayout(template)
+        self.names, self.numel = self.layout.names, self.layout.numel
+        self.buffers: Optional[torch.Tensor] = None  # [S, numel]
+        self._views: List[Dict[str, torch.Tensor]] = []
+        self.pending: Optional[_Pending] = None
 
     @property
     def bytes_per_replica(self) -> int:
@@ -64,111 +141,128 @@ class ReplicaStore:
 
     @property
     def in_flight(self) -> bool:
-        return self._pending is not None
+        return self.pending is not None
 
     def ensure(self, like: torch.Tensor) -> None:
-        """Allocate the slots on ``like``'s device and dtype (again if the model moved)."""
+        """Allocate the slots on ``like``'s device and dtype."""
         if self.buffers is not None and self.buffers.device == like.device and self.buffers.dtype == like.dtype:
             return
-        if self._pending is not None:
-            raise RuntimeError("the model moved device or dtype while replica weights were in flight")
-        self.buffers = torch.zeros(2, self.num_slots, self.numel, device=like.device, dtype=like.dtype)
-        self._views = [[self._named(self.buffers[b, s]) for s in range(self.num_slots)] for b in range(2)]
+        self.reset()
+        self.buffers = torch.zeros(self.num_slots, self.numel, device=like.device, dtype=like.dtype)
+        self._views = [self.layout.named(self.buffers[s]) for s in range(self.num_slots)]
 
-    def _named(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
-        chunks = torch.split(flat, self.numels)
-        return {n: c.view(shape) for n, c, shape in zip(self.names, chunks, self.shapes)}
+    def reset(self, wait: bool = True) -> None:
+        """Drop the buffers (the model moved or changed). A transfer in flight is finished first
+        (``wait``: its peer posted the matching request, so it completes, within ``timeout_s``)
+        or abandoned (after a failed step; its tag is never reused), and its weights discarded."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            if wait:
+                try:
+                    pending.wait(self.timeout_s)
+                except Exception:  # noqa: BLE001 - the copies are discarded either way
+                    pass
+        self.buffers, self._views = None, []
 
     def params(self, slot: int) -> Dict[str, torch.Tensor]:
         """Views of the weights in replica slot ``slot``, named as the expert's parameters."""
-        return self._views[int(self.current[slot])][slot]
+        return self._views[slot]
 
-    def run(self, slot: int, x: torch.Tensor) -> torch.Tensor:
-        out = torch.func.functional_call(self.template, self.params(slot), (x,))
-        return out[0] if isinstance(out, tuple) else out
-
-    @staticmethod
-    def flatten(expert: nn.Module) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in expert.parameters()])
-
-    def start(self, transfers: Sequence[Transfer], new: Placement, home_experts: Sequence[nn.Module], rank: int,
-              group) -> int:
-        """Post the sends and receives of ``transfers`` for this rank; they progress in the
-        background until ``poll``/``land``.
+    def start(self, transfers: Sequence[Transfer], home_experts: Sequence[nn.Module], rank: int, group,
+              experts_per_rank: int, tag: int = 0) -> int:
+        """Post this rank's sends and receives of ``transfers``; they progress in the background.
 
         Args:
             transfers: every transfer of the re-plan (the same list on every rank).
-            new: the placement that becomes active once they land.
             home_experts: this rank's home expert modules, in local order.
             rank: this rank in ``group``.
+            experts_per_rank: E_loc.
+            tag: the point-to-point tag of this transfer (the same on every rank).
 
         Returns:
             Bytes this rank receives.
         """
-        if self._pending is not None:
+        if self.pending is not None:
             raise RuntimeError("a replica prefetch is already in flight")
-        e_loc = new.experts_per_rank
-        reqs, slots, keep = [], [], []
+        reqs, keep, received = [], [], 0
         flat_of: Dict[int, torch.Tensor] = {}
         for t in transfers:
             if t.dst == rank:
-                target = self.buffers[1 - int(self.current[t.slot]), t.slot]
-                reqs.append(dist.irecv(target, src=global_rank(group, t.src), group=group))
-                slots.append(t.slot)
+                reqs.append(dist.irecv(self.buffers[t.slot], src=global_rank(group, t.src), group=group, tag=tag))
+                received += self.bytes_per_replica
             elif t.src == rank:
                 if t.expert not in flat_of:
-                    flat_of[t.expert] = self.flatten(home_experts[t.expert - rank * e_loc]).to(self.buffers.dtype)
+                    flat = flatten_expert(home_experts[t.expert - rank * experts_per_rank]).to(self.buffers.dtype)
+                    flat_of[t.expert] = flat
                 keep.append(flat_of[t.expert])
-                reqs.append(dist.isend(flat_of[t.expert], dst=global_rank(group, t.dst), group=group))
-        self._pending = _Pending(new, reqs, slots, keep, self.buffers.device)
-        return len(slots) * self.bytes_per_replica
+                reqs.append(dist.isend(flat_of[t.expert], dst=global_rank(group, t.dst), group=group, tag=tag))
+        self.pending = _Pending(reqs, keep, self.buffers.device)
+        return received
 
     def poll(self) -> bool:
-        """True when nothing is in flight on this rank (every send and receive finished)."""
-        return self._pending is None or self._pending.done.is_set()
+        """True when nothing is in flight on this rank (every send and receive finished).
 
-    def land(self) -> Tuple[Optional[Placement], float]:
-        """Finish the transfers in flight (waiting if needed) and make their weights current.
-
-        Returns:
-            (the placement that is now active, or None if nothing was in flight; ms waited).
+        Raises:
+            TimeoutError: a transfer has been in flight longer than ``timeout_s``.
         """
-        if self._pending is None:
-            return None, 0.0
-        pending, self._pending = self._pending, None
+        if self.pending is None or self.pending.done():
+            return True
+        if time.monotonic() - self.pending.started > self.timeout_s:
+            raise TimeoutError(f"replica weight transfer in flight for more than {self.timeout_s:.0f} s "
+                               "(moe_replication.timeout_s)")
+        return False
+
+    def land(self) -> float:
+        """Finish the transfers in flight (waiting at most ``timeout_s``); returns ms waited."""
+        if self.pending is None:
+            return 0.0
+        pending, self.pending = self.pending, None
         t0 = time.perf_counter()
-        pending.wait()
-        waited_ms = (time.perf_counter() - t0) * 1e3
-        self.current[pending.slots] = 1 - self.current[pending.slots]
-        return pending.placement, waited_ms
+        pending.wait(self.timeout_s)
+        return (time.perf_counter() - t0) * 1e3
 
 
 class _Pending:
-    """Requests of one prefetch, waited for on a background thread so that ``poll`` can tell
-    when they are done (gloo's requests do not report completion until waited on)."""
+    """Requests of one prefetch and how to tell that they finished (see the module docstring)."""
 
-    def __init__(self, placement: Placement, reqs: list, slots: List[int], keep: list, device: torch.device) -> None:
-        self.placement, self.reqs, self.slots, self.keep, self.device = placement, reqs, slots, keep, device
-        self.done = threading.Event()
+    def __init__(self, reqs: list, keep: list, device: torch.device) -> None:
+        self.reqs, self.keep, self.device = reqs, keep, device
+        self.started = time.monotonic()
         self.error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._wait_all, daemon=True)
-        self._thread.start()
-        _IN_FLIGHT.add(self)
+        self._event = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        if device.type != "cuda":
+            self._thread = threading.Thread(target=self._wait_all, daemon=True)
+            self._thread.start()
+            _IN_FLIGHT.add(self)
 
     def _wait_all(self) -> None:
         try:
-            if self.device.type == "cuda":
-                # NOTE: a new thread starts on device 0; the wait must order this rank's stream.
-                torch.cuda.set_device(self.device)
             for req in self.reqs:
                 req.wait()
         except BaseException as err:  # noqa: BLE001 - re-raised by wait() on the caller's thread
             self.error = err
         finally:
-            self.done.set()
+            self._event.set()
 
-    def wait(self) -> None:
-        self._thread.join()
+    def done(self) -> bool:
+        if self._thread is None:
+            return all(req.is_completed() for req in self.reqs)
+        return self._event.is_set()
+
+    def wait(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        if self._thread is None:
+            while not self.done():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"replica weight transfer did not finish within {timeout_s:.0f} s "
+                                       "(moe_replication.timeout_s)")
+                time.sleep(1e-4)
+            return
+        self._thread.join(timeout=timeout_s)
+        if self._thread.is_alive():
+            raise TimeoutError(f"replica weight transfer did not finish within {timeout_s:.0f} s "
+                               "(moe_replication.timeout_s)")
         if self.error is not None:
             raise RuntimeError(f"replica weight transfer failed: {self.error}") from self.error
 
@@ -180,7 +274,7 @@ _IN_FLIGHT: "weakref.WeakSet[_Pending]" = weakref.WeakSet()
 def finish_in_flight() -> None:
     """Wait (10 s at most each) for replica transfers still in flight; called at exit."""
     # NOTE: a transfer still in flight when the interpreter exits would leave its waiting thread
-    # inside the communication library during teardown (the process then aborts); give the
-    # transfers (normally done already) a bounded time to finish.
+    # inside the communication library during teardown (the process then aborts).
     for pending in list(_IN_FLIGHT):
-        pending._thread.join(timeout=10.0)
+        if pending._thread is not None:
+            pending._thread.join(timeout=10.0)

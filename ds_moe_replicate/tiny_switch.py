@@ -21,7 +21,7 @@ from typing import Callable, List
 import torch
 from torch import nn
 
-from .bench.common import expert_mlp
+from .testing.fixtures import expert_mlp
 
 __all__ = ["TinySwitchConfig", "TinySwitch", "topic_tokens", "build_tiny_switch"]
 
@@ -144,3 +144,13 @@ def build_tiny_switch(cfg: TinySwitchConfig, ep_size: int, replicated: bool = Fa
         for layer in model.moe_layers():
             layer.set_deepspeed_parallelism()
     return model.eval()
+
+
+def add_tiny_switch_args(ap, batch: int = 4, seq: int = 512) -> None:
+    """The command-line sizes of the built-in Switch-style model (TinySwitchConfig)."""
+    ap.add_argument("--batch", type=int, default=batch, help="sequences per rank per forward")
+    ap.add_argument("--seq", type=int, default=seq, help="tokens per sequence")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--ffn", type=int, default=1024)
+    ap.add_argument("--blocks", type=int, default=4, help="blocks; every other one is an MoE layer")
+    ap.add_argument("--experts", type=int, default=8)

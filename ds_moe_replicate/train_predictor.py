@@ -53,7 +53,8 @@ def distill(model: TinySwitch, cfg: TinySwitchConfig, out: str, batches: int = 8
 
 
 def main(argv=None) -> int:
-    from .bench.common import add_tiny_switch_args, device_for_rank, init_distributed
+    from .runtime import device_for_rank, init_distributed
+    from .tiny_switch import add_tiny_switch_args
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="where to save the predictor (moe_replication.learned_path)")

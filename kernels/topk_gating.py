@@ -5,7 +5,9 @@ column sum as separate launches, each reading the [T, E] gate matrix again. The 
 each token's logits once and writes its K expert ids and weights, the per-expert route counts
 and the per-expert sum of probabilities (for DeepSpeed's ``l_aux``).
 
-Selection is on the logits, largest first, ties to the lowest expert id. Softmax is monotonic,
+Selection is on the logits, largest first, ties to the lowest expert id; a NaN logit counts as
+-inf, so a row of NaNs still gets K distinct expert ids below E (a wrong id would give this rank
+a counts vector of another length in the step's all-gather). Softmax is monotonic,
 so this is DeepSpeed's choice (argmax / top-k over the softmax for k = 1 and k > 2, argmax over
 the masked logits for the second of k = 2); it differs only where fp32 rounding makes two
 different logits' probabilities equal. Choosing on the logits makes kernel and twin agree
@@ -49,22 +51,24 @@ if HAS_TRITON:
         ok = row_ok[:, None] & col_ok[None, :]
         x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * E + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         # Padded columns hold -inf: they get probability 0 and are never chosen over a real one.
-        x = tl.where(col_ok[None, :], x, float("-inf"))
+        # NaN logits count as -inf too, so every row still gets K distinct ids below E.
+        x = tl.where(col_ok[None, :] & (x == x), x, float("-inf"))
         row_max = tl.max(x, axis=1)
         num = tl.exp(x - row_max[:, None])
         denom = tl.sum(num, axis=1)
         prob = num / denom[:, None]
         tl.store(gate_sum_ptr + pid * E + cols, tl.sum(tl.where(ok, prob, 0.0), axis=0), mask=col_ok)
         counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+        taken = cols[None, :] >= E  # padded columns are never chosen
         for j in tl.static_range(K):
-            best = tl.max(x, axis=1)
-            idx = tl.min(tl.where(x == best[:, None], cols[None, :], BLOCK_E), axis=1)
+            best = tl.max(tl.where(taken, float("-inf"), x), axis=1)
+            idx = tl.min(tl.where((x == best[:, None]) & (~taken), cols[None, :], BLOCK_E), axis=1)
             hit = cols[None, :] == idx[:, None]
             w = tl.sum(tl.where(hit, prob, 0.0), axis=1)
             tl.store(expert_ptr + rows.to(tl.int64) * K + j, idx.to(tl.int64), mask=row_ok)
             tl.store(weight_ptr + rows.to(tl.int64) * K + j, w, mask=row_ok)
             counts += tl.sum((hit & row_ok[:, None]).to(tl.int32), axis=0)
-            x = tl.where(hit, float("-inf"), x)
+            taken = taken | hit
         tl.atomic_add(counts_ptr + cols, counts, mask=col_ok)
 
 
@@ -109,6 +113,8 @@ def topk_gating_torch(logits_TE: torch.Tensor, k: int) -> Tuple[torch.Tensor, to
     if not 1 <= k <= E:
         raise ValueError(f"k must lie in [1, E={E}], got {k}")
     logits_TE = logits_TE.float()
+    # NOTE: NaN logits count as -inf (as in the kernel): every row gets K distinct ids below E.
+    logits_TE = torch.where(torch.isnan(logits_TE), torch.full_like(logits_TE, float("-inf")), logits_TE)
     gates_TE = torch.softmax(logits_TE, dim=1)
     # NOTE: a stable descending sort keeps equal logits in id order: ties go to the lowest id,
     # as torch.argmax does (torch.topk leaves the order of ties unspecified).

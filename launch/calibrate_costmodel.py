@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     hidden, ffn = (64, 256) if args.smoke else (768, 3072)
     rows = (64, 256, 1024) if args.smoke else (256, 1024, 4096, 16384, 32768)
     if torch.distributed.is_available() and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        from ds_moe_replicate.bench.common import init_distributed
+        from ds_moe_replicate.runtime import init_distributed
 
         init_distributed()
     name = torch.cuda.get_device_name(device) if cuda else "cpu"

@@ -8,8 +8,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ds_moe_replicate.bench.common import build_pair, expert_mlp as expert, steer as skewed
 from ds_moe_replicate.comm import ReplicationError
+from ds_moe_replicate.testing import build_pair
+from ds_moe_replicate.testing import expert_mlp as expert
+from ds_moe_replicate.testing import steer as skewed
 
 __all__ = ["build_pair", "expert", "skewed"]
 
@@ -158,8 +160,9 @@ def error_on_one_rank(rank, where):
     return "no error"
 
 
-def disabled_and_training(rank):
-    """Replication off: the stock path (outputs identical). Training mode: gradients identical."""
+def disabled_and_training(rank, steps=3):
+    """Replication off: the stock path (outputs identical). Training mode with a hot expert:
+    the replicated path runs, copies active from step 1, and every gradient matches stock."""
     W = dist.get_world_size()
     stock, rep = build_pair(num_experts=4, ep_size=W, k=2, replication={"enabled": False})
     x = skewed(32, 16, gate_weight(stock), 0, 0.5, seed=rank)
@@ -169,14 +172,20 @@ def disabled_and_training(rank):
                               replication={"enabled": True, "slots_per_rank": 1, "replan_interval": 1})
     stock2.train()
     rep2.train()
-    xs = x.clone().requires_grad_(True)
-    xr = x.clone().requires_grad_(True)
-    (stock2(xs)[0] ** 2).sum().backward()
-    (rep2(xr)[0] ** 2).sum().backward()
-    grad_diff = max((p.grad - q.grad).abs().max().item()
-                    for p, q in zip(stock2.parameters(), rep2.parameters()) if p.grad is not None)
-    input_grad_diff = (xs.grad - xr.grad).abs().max().item()
-    return off_diff, grad_diff, input_grad_diff, rep2.last_stats is None
+    out = []
+    for step in range(steps):
+        x = skewed(32, 16, gate_weight(stock2), 0, 0.5, seed=rank + step)
+        stock2.zero_grad()
+        rep2.zero_grad()
+        xs = x.clone().requires_grad_(True)
+        xr = x.clone().requires_grad_(True)
+        (stock2(xs)[0] ** 2).sum().backward()
+        (rep2(xr)[0] ** 2).sum().backward()
+        rel = max(((p.grad - q.grad).abs().max() / p.grad.abs().max().clamp_min(1e-12)).item()
+                  for p, q in zip(stock2.parameters(), rep2.parameters()))
+        s = rep2.last_stats
+        out.append((rel, (xs.grad - xr.grad).abs().max().item(), s.num_replicas, s.training))
+    return off_diff, out
 
 
 def used_token_and_residual(rank):
@@ -218,16 +227,17 @@ def encoded_replicas(rank, steps=8):
         with torch.no_grad():
             rep(x)
         moves += rep.last_stats.bytes_received
-        ctl = rep.deepspeed_moe.controller
-        pl = ctl.placement
+        inner = rep.deepspeed_moe
+        pl, store, table = inner.policy.active, inner.store, inner.table
         C = pl.slots_per_rank_total
-        for s in range(ctl.store.num_slots):
-            e = int(pl.phy2log_P[rank * C + e_loc + s])
-            if e < 0:
+        for s in range(store.num_slots):
+            p = rank * C + e_loc + s
+            e = int(pl.phy2log_P[p])
+            if e < 0 or table.expert_P[p] != e:  # empty, or its copy still in flight
                 continue
-            for t, name in enumerate(ctl.store.names):
+            for t, name in enumerate(store.names):
                 want = 0.001 * (100 * e + t)
-                got = ctl.store.params(s)[name]
+                got = store.params(s)[name]
                 assert torch.all(got == torch.tensor(want, dtype=got.dtype)), (step, s, e, name)
                 checks += 1
     return checks, moves
@@ -281,7 +291,7 @@ def predictor_run(rank, predictor, steps=6, late_rank=None, late_step=None):
     out = []
     for step in range(steps):
         if late_step is not None and step == late_step and rank == late_rank:
-            store = rep.moe_layers()[1].deepspeed_moe.controller.store
+            store = rep.moe_layers()[1].deepspeed_moe.store
             store.poll = lambda: False  # this rank's transfers "have not landed" at this step
         x = topic_tokens(cfg, 2, 48, 0.7, seed=rank * 5 + step, topic=step % 2)
         with torch.no_grad():
@@ -292,6 +302,6 @@ def predictor_run(rank, predictor, steps=6, late_rank=None, late_step=None):
         diff = float((a - b).abs().max())
         for j, layer in enumerate(rep.moe_layers()):
             s = layer.last_stats
-            phy = layer.deepspeed_moe.controller.placement.phy2log_P.tolist()
+            phy = layer.deepspeed_moe.policy.active.phy2log_P.tolist()
             out.append((step, j, diff, s.plan_version, phy, s.balancedness, s.prefetch_late, s.prediction_l1))
     return out

@@ -12,12 +12,11 @@ import pytest
 import torch
 from torch import nn
 
+import bench_workers
 from ds_moe_replicate.bench import bench, costmodel, emulate
 from ds_moe_replicate.bench.traces import Trace, TraceRecorder, counts_from_router_logits, load_trace, save_trace
 from ds_moe_replicate.bench.workloads import Workload, assign, zipf_shares
 from ds_moe_replicate.testing import run_ranks
-
-import bench_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ds_moe_replicate.placement import Placement
 from ds_moe_replicate.dispatch import _route_slots, capacity_transport, combine, dispatch, transport
+from ds_moe_replicate.placement import Placement
 from ds_moe_replicate.planner import plan_replicas, split_loads
 
 
@@ -106,4 +106,4 @@ def test_single_rank_round_trip(k):
     out, failed = combine(rows * 2.0, weight, meta, None)
     expected = 2.0 * x * (weight * (expert_TK >= 0)).sum(dim=1, keepdim=True)
     torch.testing.assert_close(out, expected)
-    assert failed == []
+    assert failed == [0]

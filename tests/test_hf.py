@@ -60,6 +60,7 @@ def test_two_ranks_match_transformers(two_ranks, name, mode):
 
 def test_unknown_model_is_refused():
     import torch
+
     from ds_moe_replicate.hf import replace_moe_blocks
 
     with pytest.raises(ValueError, match="no sparse MLP block"):

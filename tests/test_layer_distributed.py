@@ -62,11 +62,13 @@ def test_error_on_one_rank_is_raised_on_every_rank(where):
         assert "hidden_size=16" in messages[1]
 
 
-def test_disabled_is_stock_and_training_uses_the_stock_path():
-    for off_diff, grad_diff, input_grad_diff, no_stats in run_ranks(mw.disabled_and_training, 2):
+def test_disabled_is_stock_and_training_replicates_with_stock_gradients():
+    for off_diff, steps in run_ranks(mw.disabled_and_training, 2):
         assert off_diff == 0.0
-        assert grad_diff <= 1e-6 and input_grad_diff <= 1e-6
-        assert no_stats
+        for rel_grad_diff, input_grad_diff, _replicas, training in steps:
+            assert rel_grad_diff <= 1e-6 and input_grad_diff <= 1e-6
+            assert training
+        assert all(replicas >= 1 for _, _, replicas, _ in steps[1:])  # copies computed and sent gradients home
 
 
 def test_used_token_and_residual_match_stock():

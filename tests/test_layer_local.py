@@ -5,8 +5,8 @@ import torch
 from deepspeed.moe.layer import MoE
 
 from ds_moe_replicate import ReplicatedMoE, ReplicationConfig, ReplicationConfigError
-from ds_moe_replicate.bench.common import expert_mlp
 from ds_moe_replicate.layer import configure_replication
+from ds_moe_replicate.testing import expert_mlp
 
 
 def pair(k=1, replication=None, **kw):

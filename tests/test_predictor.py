@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from ds_moe_replicate.config import ReplicationConfig
 from ds_moe_replicate.hooks import StatsHooks
-from ds_moe_replicate.predictor import EmaPredictor, WindowPredictor, make_predictor
+from ds_moe_replicate.predictor import PREDICTORS, EmaPredictor, WindowPredictor, make_predictor
 
 
 def test_ema_follows_its_formula():
@@ -39,8 +38,11 @@ def test_steady_load_is_predicted_exactly_and_a_switch_is_followed():
 
 
 def test_factory_and_bad_arguments():
-    assert isinstance(make_predictor(ReplicationConfig(predictor="ema", ema_decay=0.9)), EmaPredictor)
-    assert isinstance(make_predictor(ReplicationConfig(predictor="window", window=3)), WindowPredictor)
+    assert isinstance(make_predictor("ema", ema_decay=0.9), EmaPredictor)
+    assert isinstance(make_predictor("window", window=3), WindowPredictor)
+    assert sorted(PREDICTORS) == ["ema", "learned", "lookahead", "oracle", "window"]
+    with pytest.raises(ValueError, match="unknown predictor 'nope'"):
+        make_predictor("nope")
     with pytest.raises(ValueError, match="decay"):
         EmaPredictor(1.0)
     with pytest.raises(ValueError, match="window"):

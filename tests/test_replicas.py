@@ -1,12 +1,13 @@
 """Replica slots: transfer lists, weight views, and real moves between ranks with encoded weights."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import moe_workers as mw
 from ds_moe_replicate.placement import Placement, Transfer, plan_transfers
-from ds_moe_replicate.replicas import ReplicaStore
+from ds_moe_replicate.replicas import ReplicaStore, ReplicaTable, flatten_expert
 from ds_moe_replicate.testing import run_ranks
 
 
@@ -25,15 +26,33 @@ def test_store_views_and_functional_run():
     expert = mw.expert(8, 12)
     store = ReplicaStore(expert, 2)
     store.ensure(next(expert.parameters()))
-    store.buffers[int(store.current[1]), 1].copy_(ReplicaStore.flatten(expert))
+    store.buffers[1].copy_(flatten_expert(expert))
     x = torch.randn(5, 8)
-    torch.testing.assert_close(store.run(1, x), expert(x))
-    # Views share memory with the slot's current flat row; the spare row is untouched.
+    torch.testing.assert_close(torch.func.functional_call(expert, store.params(1), (x,)), expert(x))
+    # Views share memory with the slot's flat row; one buffer per slot (a slot costs one expert).
     store.params(0)["0.weight"].fill_(3.0)
-    assert store.buffers[int(store.current[0]), 0, : 8 * 12].eq(3.0).all()
-    assert store.buffers[1 - int(store.current[0]), 0].eq(0.0).all()
+    assert store.buffers[0, : 8 * 12].eq(3.0).all()
+    assert store.buffers.shape == (2, sum(p.numel() for p in expert.parameters()))
     assert not store.in_flight and store.poll()
     assert store.bytes_per_replica == sum(p.numel() for p in expert.parameters()) * 4
+
+
+def test_table_marks_copies_stale_when_a_version_changes():
+    home = Placement.home(4, 2, 1)
+    new = Placement.from_phy2log([0, 1, 2, 2, 3, 0], 2, 2, 1, version=1)
+    table = ReplicaTable(6)
+    transfers = plan_transfers(home, new)
+    assert not table.valid(new, np.array([5, 7]))[[2, 5]].any()  # nothing resident yet
+    table.begin(transfers, new, np.array([5, 7]))
+    assert not table.valid(new, np.array([5, 7]))[[2, 5]].any()  # in flight
+    table.commit()
+    assert table.valid(new, np.array([5, 7])).all()
+    # Rank 0's weights changed: the copy of its expert 0 on rank 1 (slot 5) is stale, and so is
+    # the copy rank 0 holds (slot 2: its buffers may have been re-made with its weights).
+    assert table.valid(new, np.array([6, 7])).tolist() == [True, True, False, True, True, False]
+    # A different expert planned in a slot than the one resident there: not valid either.
+    other = Placement.from_phy2log([0, 1, 3, 2, 3, 0], 2, 2, 1, version=2)
+    assert table.valid(other, np.array([5, 7])).tolist() == [True, True, False, True, True, True]
 
 
 def test_store_follows_dtype_and_refuses_what_it_cannot_copy():

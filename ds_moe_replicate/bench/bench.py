@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..comm import group_rank
 from ..config import ReplicationConfig
 from ..layer import configure_replication
 from ..planner import plan_replicas
@@ -77,9 +76,7 @@ def _install_static_plan(model, history_LE: np.ndarray) -> None:
     """Plan once for ``history_LE`` and wait for its copies (every rank, same step)."""
     for j, layer in enumerate(model.layers):
         inner = layer.deepspeed_moe
-        ctl = inner.controller
-        ctl.prefetch(history_LE[j], inner.experts.deepspeed_experts, group_rank(inner.ep_group), inner.ep_group)
-        ctl.settle(True)
+        inner.install(inner.policy.plan(history_LE[j], grad=False))
 
 
 class _StockCounts:

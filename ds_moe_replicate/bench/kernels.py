@@ -25,11 +25,11 @@ import torch
 
 from ..dispatch import transport
 from ..kernels import HAS_TRITON
-from ..kernels._launch import interpreting
 from ..kernels import assign_slots as slots_mod
 from ..kernels import combine as combine_mod
 from ..kernels import permute as permute_mod
 from ..kernels import topk_gating as gating_mod
+from ..kernels._launch import interpreting
 from ..planner import plan_replicas
 
 __all__ = ["Inputs", "make_inputs", "time_ms", "cases", "run", "main"]

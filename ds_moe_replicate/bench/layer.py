@@ -14,8 +14,18 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-from .common import build_pair, device_for_rank, init_distributed, markdown_table, median, rank_balance, report, \
-    share_for_hottest, steer, timed
+from .common import (
+    build_pair,
+    device_for_rank,
+    init_distributed,
+    markdown_table,
+    median,
+    rank_balance,
+    report,
+    share_for_hottest,
+    steer,
+    timed,
+)
 
 WORKLOADS = {"uniform": None, "hot43": 0.43, "hot76": 0.76}
 

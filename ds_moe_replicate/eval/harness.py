@@ -29,10 +29,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..bench.common import median, timed
 from ..config import ReplicationConfig
 from ..hf import DeepSpeedMoEBlock, find_moe_blocks, replace_moe_blocks, set_switch_capacity
 from ..layer import ReplicatedMoE
+from ..planner import balancedness
+from ..runtime import median, timed
 from .metrics import compute_metrics
 from .models import TINY_SWITCH, answer_logits, class_logits, collate, load_model, model_logits
 from .predicted import use_predicted_routing
@@ -178,10 +179,7 @@ def _home_balancedness(counts_BLE: torch.Tensor, ep_size: int) -> float:
     """mean / max routes per rank under DeepSpeed's home placement, averaged over (batch, layer)."""
     if counts_BLE.numel() == 0:
         return 1.0
-    per_rank = counts_BLE.reshape(*counts_BLE.shape[:2], ep_size, -1).sum(dim=-1).double()
-    peak = per_rank.max(dim=-1).values
-    bal = torch.where(peak > 0, per_rank.mean(dim=-1) / peak.clamp_min(1), torch.ones_like(peak))
-    return float(bal.mean())
+    return float(balancedness(counts_BLE.reshape(*counts_BLE.shape[:2], ep_size, -1).sum(dim=-1)).mean())
 
 
 def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:

@@ -45,7 +45,7 @@ def triton_vs_torch(rank, steps=5):
     """
     import torch.distributed as dist
 
-    from ds_moe_replicate.bench.common import build_pair, steer
+    from ds_moe_replicate.testing import build_pair, steer
 
     assert os.environ.get("TRITON_INTERPRET") == "1", "spawned ranks need TRITON_INTERPRET=1 before importing triton"
     W = dist.get_world_size()

@@ -5,8 +5,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_workers import float_dtypes, tolerance  # noqa: E402
 from ds_moe_replicate.kernels.combine import combine_torch  # noqa: E402
+from kernel_workers import float_dtypes, tolerance  # noqa: E402
 
 
 def routes(T, k, N_drop, seed):

@@ -5,8 +5,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_workers import float_dtypes  # noqa: E402
 from ds_moe_replicate.kernels.permute import permute_torch  # noqa: E402
+from kernel_workers import float_dtypes  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", float_dtypes())

@@ -78,7 +78,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 240.0)
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)
                         and r not in out and r not in errors]
                 if dead:
-                    raise RankFailure(f"ranks {dead} died (exit codes {[procs[r].exitcode for r in dead]})")
+                    raise RankFailure(f"ranks {dead} died (exit codes {[procs[r].exitcode for r in dead]})") from None
                 continue
             (out if ok else errors)[rank] = value
     finally:
