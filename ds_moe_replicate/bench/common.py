@@ -6,14 +6,13 @@ Legend: T tokens, H hidden, F expert FFN size, E logical experts, W expert-paral
 from __future__ import annotations
 
 import statistics
-import atexit
-import os
 from typing import Any, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..distributed import device_for_rank, init_distributed
 from ..layer import ReplicatedMoE
 
 __all__ = ["expert_mlp", "build_pair", "steer", "share_for_hottest", "timed", "median", "all_max", "rank_balance",
@@ -116,44 +115,6 @@ def rank_balance(counts_E: torch.Tensor, ep_size: int) -> float:
     per_rank = counts_E.reshape(ep_size, -1).sum(dim=1).double()
     return float(per_rank.mean() / per_rank.max()) if per_rank.max() > 0 else 1.0
 
-
-
-def init_distributed() -> None:
-    """Initialise ``deepspeed.comm`` as the ``deepspeed`` launcher expects: NCCL on GPUs, gloo on CPU.
-
-    On CPU, DeepSpeed's shared-memory all-reduce op is not loaded: these jobs exchange through
-    all-gather and all-to-all, and the op leaves a 69 MB file per rank and port in /dev/shm.
-    """
-    import deepspeed
-    import deepspeed.ops
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "gloo":
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
-        atexit.register(_finish_distributed)
-    if not torch.cuda.is_available():
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-
-
-def _finish_distributed() -> None:
-    # NOTE: tearing the process group down explicitly, after any replica transfer still in
-    # flight, avoids an abort ("terminate called without an active exception") when the
-    # interpreter destroys gloo's threads on its own at exit.
-    from ..replicas import finish_in_flight
-
-    finish_in_flight()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def device_for_rank() -> torch.device:
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
 
 
 def markdown_table(header: List[str], rows: List[List[str]]) -> str:
