@@ -96,7 +96,7 @@ class RoutingObserver:
 
 
 def heldout_loss(engine, windows_BS: torch.Tensor, batch: int, observer: Optional[RoutingObserver] = None,
-                 recorder: Optional[TraceRecorder] = None, ep_size: int = 1, device=None) -> float:
+                 recorder: Optional[TraceRecorder] = None, ep_size: int = 1, device=None) -> Dict[str, float]:
     """Mean next-token cross-entropy (nats per byte) over ``windows_BS`` in eval mode, all ranks.
 
     Each rank scores ``windows_BS[rank::world]`` in batches of ``batch``; every rank runs the
@@ -110,12 +110,14 @@ def heldout_loss(engine, windows_BS: torch.Tensor, batch: int, observer: Optiona
         ep_size: expert-parallel ranks (for the observer).
 
     Returns:
-        The loss over all windows of all ranks; the engine is left in training mode.
+        ``loss`` over all windows of all ranks, and with an observer the mean ``balancedness`` and
+        the most ``replicas`` in use at one forward; the engine is left in training mode.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = windows_BS[rank::world]
     steps = math.ceil(math.ceil(windows_BS.shape[0] / world) / batch)
     total = torch.zeros(2, dtype=torch.float64)
+    balance, replicas = [], 0
     engine.eval()
     with torch.no_grad():
         for i in range(steps):
@@ -131,13 +133,18 @@ def heldout_loss(engine, windows_BS: torch.Tensor, batch: int, observer: Optiona
                 total += torch.tensor([float(nll), chunk[:, 1:].numel()], dtype=torch.float64)
             if observer is not None:
                 seen = observer.take(ep_size)
+                balance.append(seen["balancedness"])
+                replicas = max(replicas, seen["replicas"])
                 if recorder is not None:
                     for j, c in enumerate(seen["counts_LE"]):
                         recorder.record(j, c)
     if dist.is_initialized():
         dist.all_reduce(total)
     engine.train()
-    return float(total[0] / total[1])
+    out = dict(loss=float(total[0] / total[1]))
+    if balance:
+        out.update(balancedness=float(np.mean(balance)), replicas=replicas)
+    return out
 
 
 def _ds_config(args) -> Dict:
@@ -181,7 +188,7 @@ def train(args) -> Optional[Dict]:
 
     windows, _docs = corpus.held_out_windows(args.heldout_seqs, args.seq, seed=args.seed)
     before = heldout_loss(engine, windows, args.eval_batch, observer, None, W, device)
-    logger.info("held-out loss before training: %.4f nats/byte", before)
+    logger.info("held-out loss before training: %.4f nats/byte", before["loss"])
 
     recorder = TraceRecorder(k=cfg.k, source=f"train_lm training steps, E={cfg.experts}, W={W}")
     data = corpus.train_batches(batch, args.seq, seed=args.seed * 7919 + rank)
@@ -222,9 +229,14 @@ def train(args) -> Optional[Dict]:
     if bar is not None:
         bar.close()
 
+    # NOTE: replicas copied during the first held-out pass hold the weights from before training,
+    # and the layer does not yet refresh them after optimizer steps (the training-with-replicas
+    # work will); configuring again starts every layer over from its home placement.
+    configure_replication(engine)
     held_recorder = TraceRecorder(k=cfg.k, source=f"train_lm held-out evaluation, E={cfg.experts}, W={W}")
     after = heldout_loss(engine, windows, args.eval_batch, observer, held_recorder, W, device)
-    logger.info("held-out loss after %d steps: %.4f nats/byte (before: %.4f)", args.steps, after, before)
+    logger.info("held-out loss after %d steps: %.4f nats/byte (before: %.4f); balancedness %.3f, up to %d replicas",
+                args.steps, after["loss"], before["loss"], after["balancedness"], after["replicas"])
     observer.remove()
 
     os.makedirs(args.out, exist_ok=True)
@@ -242,8 +254,10 @@ def train(args) -> Optional[Dict]:
     summary = dict(
         model=cfg.to_dict(), world_size=world, ep_size=W, batch_per_rank=batch, steps=args.steps,
         aux_loss_coef=args.aux_loss_coef, replication=replication.model_dump(), data=corpus.describe(),
-        heldout=dict(windows=int(windows.shape[0]), seq=args.seq, loss_before=before, loss_after=after,
-                     bits_per_byte_before=before / math.log(2), bits_per_byte_after=after / math.log(2)),
+        heldout=dict(windows=int(windows.shape[0]), seq=args.seq, loss_before=before["loss"],
+                     loss_after=after["loss"], bits_per_byte_before=before["loss"] / math.log(2),
+                     bits_per_byte_after=after["loss"] / math.log(2), balancedness_after=after["balancedness"],
+                     replicas_after=after["replicas"]),
         train_loss_last20=float(np.mean([h["loss"] for h in tail])),
         tokens_per_s_median=float(np.median([h["tokens_per_s"] for h in history])) if history else 0.0,
         train_seconds=round(train_seconds, 1), seconds=round(time.perf_counter() - t_start, 1),
@@ -263,7 +277,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-replication", action="store_true", help="drop the config's moe_replication section")
     ap.add_argument("--aux-loss-coef", type=float, default=0.01,
                     help="weight of the MoE load-balancing loss (0 = none: the routing balances less)")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=None, help="sequences per rank (default: the config's "
                                                             "train_micro_batch_size_per_gpu)")
     ap.add_argument("--seq", type=int, default=128, help="bytes per sequence")
@@ -274,7 +288,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-k", type=int, default=1, help="experts per token")
     ap.add_argument("--ffn", type=int, default=256, help="hidden size of each expert")
     ap.add_argument("--ep-size", type=int, default=None, help="expert-parallel ranks (default: all)")
-    ap.add_argument("--heldout-seqs", type=int, default=64, help="held-out windows scored before and after")
+    ap.add_argument("--heldout-seqs", type=int, default=128, help="held-out windows scored before and after")
     ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--data-root", default=None, help="folder of .py files (default: this Python's stdlib)")
     ap.add_argument("--max-files", type=int, default=None, help="read only the first files (sorted paths)")
