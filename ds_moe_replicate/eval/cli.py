@@ -23,7 +23,9 @@ def parse_args(argv: Optional[List[str]] = None) -> EvalArgs:
     p = argparse.ArgumentParser(prog="python -m ds_moe_replicate.eval", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=TINY_SWITCH,
                    help=f"a transformers id, a local folder laid out as on the hub, or '{TINY_SWITCH}'")
-    p.add_argument("--task", default="synthetic", choices=TASKS)
+    p.add_argument("--task", default="synthetic", choices=TASKS + ("stdlib",),
+                   help="a classification task, or 'stdlib': next-byte prediction on held-out standard-library "
+                        "files by a model trained with launch/train.py (--model RUN_DIR)")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--data-dir", help="local GLUE files: <dir>/<task>/{train,validation}.jsonl|json|csv|tsv|parquet")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
@@ -69,6 +71,15 @@ def _init_distributed() -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     _init_distributed()
+    if args.task == "stdlib":
+        from .lm import lm_markdown_table, run_lm_eval
+
+        report = run_lm_eval(args)
+        if report is not None:
+            print(lm_markdown_table(report))
+            print(json.dumps({"retention": report["retention"], "max_abs_logit_diff": report["max_abs_logit_diff"]}))
+            sys.stdout.flush()
+        return 0
     report = run_eval(args)
     if report is not None:
         print(markdown_table(report))
