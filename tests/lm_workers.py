@@ -56,3 +56,12 @@ def local_matches_expert_parallel(rank, k):
     fresh = full_state_dict(build_byte_lm(cfg, W, kind="stock"), W)
     same_init = all(torch.equal(fresh[k_], build_byte_lm(cfg, kind="local").state_dict()[k_]) for k_ in fresh)
     return diffs, same_init
+
+
+def lm_eval(rank, run_dir, eval_size):
+    """The ``stdlib`` task of the harness on this world; the report on rank 0."""
+    from ds_moe_replicate.eval import EvalArgs
+    from ds_moe_replicate.eval.lm import run_lm_eval
+
+    return run_lm_eval(EvalArgs(model=run_dir, task="stdlib", eval_size=eval_size, batch_size=3, max_len=32,
+                                progress=False))
