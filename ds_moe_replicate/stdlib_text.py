@@ -103,10 +103,18 @@ class Corpus:
         Documents are taken round-robin in a seeded order (so many documents are covered), each
         window at a seeded start; the same arguments give the same windows on every rank and run.
         """
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(self.held_out))
-        docs = [int(order[i % len(order)]) for i in range(count)]
-        return torch.stack([_window(self.held_out[d].data, seq, rng) for d in docs]), torch.tensor(docs)
+        return _fixed_windows(self.held_out, count, seq, seed)
+
+    def train_windows(self, count: int, seq: int, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Like ``held_out_windows``, from training documents (e.g. to distil a predictor)."""
+        return _fixed_windows(self.train, count, seq, seed)
+
+
+def _fixed_windows(documents: List[Document], count: int, seq: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(documents))
+    docs = [int(order[i % len(order)]) for i in range(count)]
+    return torch.stack([_window(documents[d].data, seq, rng) for d in docs]), torch.tensor(docs)
 
 
 def _window(data: bytes, seq: int, rng: np.random.Generator) -> torch.Tensor:
