@@ -12,22 +12,28 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import List, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from .learned import RouterRecord, record_router_outputs, train_distiller
+from .learned import HeldOutAgreement, RouterRecord, record_router_outputs, train_distiller
 from .tiny_switch import TinySwitch, TinySwitchConfig, build_tiny_switch, topic_tokens
 
 __all__ = ["distill", "main"]
 
+_DOCS_PER_RANK = 1 << 32
+
 
 def distill(model: TinySwitch, cfg: TinySwitchConfig, out: str, batches: int = 8, batch: int = 4, seq: int = 512,
-            topic_share: float = 0.7, epochs: int = 20, device=None) -> Tuple[List[float], float]:
-    """Record on every rank, train on rank 0, save to ``out``; returns (agreement per layer, s).
+            topic_share: float = 0.7, epochs: int = 20, device=None) -> Tuple[HeldOutAgreement, float]:
+    """Record on every rank, train on rank 0, save to ``out``.
 
+    Every recorded sequence is a document; every tenth is held out (``learned.held_out_documents``).
     Collective: every rank of the default group must call it.
+
+    Returns:
+        (agreement with the routers on held-out sequences, seconds).
     """
     t0 = time.perf_counter()
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -38,9 +44,12 @@ def distill(model: TinySwitch, cfg: TinySwitchConfig, out: str, batches: int = 8
     record = record_router_outputs(model, model.embed, model.moe_layers(), inputs)
     if dist.is_initialized() and dist.get_world_size() > 1:
         parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (record.emb_NH, record.experts_NLK))
-        record = RouterRecord(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-    agreement: List[float] = [0.0] * len(model.moe_layers())
+        dist.all_gather_object(parts, (record.emb_NH, record.experts_NLK, record.token_N, record.doc_N))
+        # Each rank numbers its own sequences from 0: keep documents of different ranks apart.
+        record = RouterRecord(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                              torch.cat([p[2] for p in parts]),
+                              torch.cat([p[3] + r * _DOCS_PER_RANK for r, p in enumerate(parts)]))
+    agreement: Optional[HeldOutAgreement] = None
     if rank == 0:
         distiller, agreement = train_distiller(record, cfg.num_experts, epochs=epochs)
         distiller.save(out)
@@ -69,9 +78,12 @@ def main(argv=None) -> int:
     agreement, seconds = distill(model, cfg, args.out, args.batches, args.batch, args.seq, epochs=args.epochs,
                                  device=device_for_rank())
     if dist.get_rank() == 0:
-        per_layer = ", ".join(f"layer {i}: {a:.1%}" for i, a in enumerate(agreement))
-        print(f"saved {args.out}: top-1 agreement with the routers on held-out recorded tokens: {per_layer} "
-              f"({seconds:.1f} s, {args.batches} batches of {args.batch}x{args.seq} tokens per rank)")
+        per_layer = ", ".join(f"layer {i}: {a:.1%}" for i, a in enumerate(agreement.agreement_L))
+        unseen = ", ".join(f"{a:.1%}" for a in agreement.unseen_agreement_L)
+        print(f"saved {args.out}: top-1 agreement with the routers on {agreement.held_out_tokens} tokens of "
+              f"{agreement.held_out_documents} held-out sequences: {per_layer}; on the {agreement.unseen_tokens} of them "
+              f"whose token id never occurs in training: {unseen} ({seconds:.1f} s, {args.batches} batches of "
+              f"{args.batch}x{args.seq} tokens per rank)")
     return 0
 
 

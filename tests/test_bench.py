@@ -218,3 +218,23 @@ def test_calibration_script_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     hw = costmodel.Hardware(**json.loads(out.read_text()))
     assert hw.flops > 1e8 and hw.mem_bw > 1e8 and hw.intra_bw == costmodel.HARDWARE["H100"].intra_bw
+
+
+def test_real_predictor_replay_on_a_trace():
+    """Replaying predictors on a trace: the oracle plans each batch's own counts, no replication is
+    DeepSpeed's placement, a history predictor follows a hot expert that stays put."""
+    from ds_moe_replicate.bench.real_predictors import replay
+    from ds_moe_replicate.planner import balancedness, home_plan
+
+    rng = np.random.default_rng(0)
+    counts = rng.multinomial(4096, zipf_shares(16, 1.2), size=(12, 2)).astype(np.int64)  # hot experts fixed
+    none = replay(counts, 4, 1, "none")
+    home = np.mean([float(balancedness(home_plan(c, 4, 1).rank_load)[j]) for c in counts for j in range(2)])
+    assert none["balancedness"] == pytest.approx(home) and np.isnan(none["l1"])
+    oracle = replay(counts, 4, 1, "oracle")
+    ema = replay(counts, 4, 1, "ema", replan_interval=1)
+    assert oracle["l1"] == 0.0 and oracle["hot_recall"] == 1.0
+    assert oracle["balancedness"] > ema["balancedness"] > none["balancedness"]
+    # A prediction that is the truth itself plans as the oracle does.
+    learned = replay(counts, 4, 1, "learned", predicted_BLE=counts)
+    assert learned == oracle

@@ -4,13 +4,19 @@ Run under the ``deepspeed`` launcher (``launch/bench_layer.py``). For each workl
 see identical batches; after warm-up (so the first plan has landed) they run alternately, each
 forward timed after a barrier as the slowest rank's time, and the medians are compared. Every
 pair of outputs is compared too.
+
+Workloads: ``uniform`` (the random gate's own routing), ``hot43`` / ``hot76`` (one expert steered
+to 43% / 76% of the routes), and ``trace`` (``--trace FILE``: batch i routes like batch i of one
+recorded layer, ``--trace-layer``; each token is drawn from that batch's shares and steered
+toward its expert's gate row, as ``launch/bench.py --workload trace`` does for a stack).
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Dict, List
+from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -30,9 +36,22 @@ from .common import (
 WORKLOADS = {"uniform": None, "hot43": 0.43, "hot76": 0.76}
 
 
+def _trace_batch(shares_E: np.ndarray, tokens: int, gate_w: torch.Tensor, seed: int) -> torch.Tensor:
+    """[T, H] tokens whose experts are drawn from ``shares_E`` and steered to their gate rows."""
+    from .workloads import steer_tokens
+
+    experts_T1 = np.random.default_rng(seed).choice(shares_E.size, size=(tokens, 1), p=shares_E)
+    dirs_1EH = (gate_w.float() / gate_w.float().norm(dim=1, keepdim=True)).unsqueeze(0)
+    return steer_tokens(experts_T1, dirs_1EH, strength=6.0, noise=0.5, seed=seed)
+
+
 def bench_layer(hidden: int, ffn: int, num_experts: int, tokens: int, k: int, workloads: List[str], warmup: int,
-                repeats: int, replication: Dict, hot_expert: int = 0, progress: bool = True) -> List[Dict]:
-    """Returns one row per workload: medians, speed-up, balancedness, drops and output difference."""
+                repeats: int, replication: Dict, hot_expert: int = 0, progress: bool = True,
+                trace_counts_BE: Optional[np.ndarray] = None) -> List[Dict]:
+    """Returns one row per workload: medians, speed-up, balancedness, drops and output difference.
+
+    ``trace_counts_BE`` (int [B, E] routes per expert of one recorded layer) drives ``"trace"``.
+    """
     W = dist.get_world_size()
     rank = dist.get_rank()
     device = device_for_rank()
@@ -40,10 +59,15 @@ def bench_layer(hidden: int, ffn: int, num_experts: int, tokens: int, k: int, wo
     gate_w = stock.deepspeed_moe.gate.wg.weight.detach().cpu()
     rows = []
     for name in workloads:
-        target = WORKLOADS[name]
-        share = 0.0 if target is None else share_for_hottest(target, num_experts)
-        batches = [steer(tokens, hidden, gate_w, hot_expert, share, seed=rank * 7919 + i).to(device)
-                   for i in range(warmup + repeats)]
+        if name == "trace":
+            shares_BE = trace_counts_BE / np.maximum(trace_counts_BE.sum(axis=1, keepdims=True), 1)
+            batches = [_trace_batch(shares_BE[i % len(shares_BE)], tokens, gate_w, seed=rank * 7919 + i).to(device)
+                       for i in range(warmup + repeats)]
+        else:
+            target = WORKLOADS[name]
+            share = 0.0 if target is None else share_for_hottest(target, num_experts)
+            batches = [steer(tokens, hidden, gate_w, hot_expert, share, seed=rank * 7919 + i).to(device)
+                       for i in range(warmup + repeats)]
         times = {"stock": [], "ours": []}
         diff, stock_bal, ours_bal, waits, counts = 0.0, [], [], [], None
         with torch.no_grad():
@@ -96,7 +120,11 @@ def main(argv=None) -> int:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per rank per forward")
     ap.add_argument("-k", type=int, default=1)
-    ap.add_argument("--workloads", default="uniform,hot43,hot76")
+    ap.add_argument("--workloads", default="uniform,hot43,hot76", help="comma-separated: uniform, hot43, hot76, "
+                                                                       "trace (needs --trace)")
+    ap.add_argument("--trace", default=None, help="a recorded trace (.json/.pt, traces.py format) for 'trace'; "
+                                                  "--experts becomes its E")
+    ap.add_argument("--trace-layer", type=int, default=0, help="which recorded layer the 'trace' workload replays")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", default=None, help="write the rows here (rank 0)")
@@ -110,11 +138,21 @@ def main(argv=None) -> int:
     if not cfg.enabled:
         raise SystemExit("moe_replication.enabled is false in the config: nothing to compare")
     workloads = [w for w in args.workloads.split(",") if w]
-    bad = [w for w in workloads if w not in WORKLOADS]
+    bad = [w for w in workloads if w not in WORKLOADS and w != "trace"]
     if bad:
-        raise SystemExit(f"--workloads: unknown {bad}; choose from {sorted(WORKLOADS)}")
+        raise SystemExit(f"--workloads: unknown {bad}; choose from {sorted(WORKLOADS) + ['trace']}")
+    if ("trace" in workloads) != (args.trace is not None):
+        raise SystemExit("--trace FILE goes with the 'trace' workload (and only with it)")
+    trace_BE = None
+    if args.trace:
+        from ..traces import load_trace
+
+        trace = load_trace(args.trace)
+        if not 0 <= args.trace_layer < trace.num_layers:
+            raise SystemExit(f"--trace-layer must lie in [0, {trace.num_layers - 1}], got {args.trace_layer}")
+        trace_BE, args.experts = trace.counts_BLE[:, args.trace_layer], trace.num_experts
     rows = bench_layer(args.hidden, args.ffn, args.experts, args.tokens, args.k, workloads, args.warmup,
-                       args.repeats, cfg.model_dump())
+                       args.repeats, cfg.model_dump(), trace_counts_BE=trace_BE)
     report(f"ReplicatedMoE vs stock deepspeed.moe.layer.MoE (dropless), EP={dist.get_world_size()}, "
            f"E={args.experts}, H={args.hidden}, F={args.ffn}, {args.tokens} tokens/rank, k={args.k}, "
            f"{args.repeats} timed forwards each after {args.warmup} warm-up, "
