@@ -72,7 +72,8 @@ class ReplicationConfig(DeepSpeedConfigModel):
     (saves all-to-all traffic; the per-copy token counts are unchanged)."""
 
     kernels: KernelChoice = "auto"
-    """Bookkeeping kernels: ``"auto"`` (Triton on CUDA, PyTorch twins elsewhere), ``"triton"``
+    """Bookkeeping kernels: ``"auto"`` (Triton on CUDA devices of a kind on which the compiled
+    kernel tests passed, listed in ``kernels/verified.json``; PyTorch twins elsewhere), ``"triton"``
     (force Triton; on CPU only under ``TRITON_INTERPRET=1``) or ``"torch"`` (force the twins)."""
 
     replica_cost: float = Field(0.05, ge=0.0)

@@ -28,7 +28,8 @@ from .report import markdown_table, report
 from .runtime import device_for_rank, init_distributed, median, timed
 from .tiny_switch import TinySwitch, TinySwitchConfig, add_tiny_switch_args, build_tiny_switch, topic_tokens
 
-MODES = ("stock", "stock_capacity", "replicated")
+MODES = ("stock", "stock_capacity", "ragged", "replicated")
+OURS = ("ragged", "replicated")  # ReplicatedMoE without replicas (slots_per_rank 0), and with them
 
 
 def _engine(model: TinySwitch, ds_config: Dict):
@@ -51,14 +52,19 @@ def run(args, ds_config: Dict) -> List[Dict]:
     device = device_for_rank()
     cfg = TinySwitchConfig(hidden=args.hidden, ffn=args.ffn, blocks=args.blocks, num_experts=args.experts, k=args.k)
     stock_config = {k: v for k, v in ds_config.items() if k != "moe_replication"}
+    ragged_config = {**ds_config, "moe_replication": {**ds_config.get("moe_replication", {}), "enabled": True,
+                                                       "slots_per_rank": 0}}
+    configs = {"stock": stock_config, "stock_capacity": stock_config, "ragged": ragged_config,
+               "replicated": ds_config}
     engines = {}
     for mode in MODES:
-        model = build_tiny_switch(cfg, W, replicated=mode == "replicated", capacity=mode == "stock_capacity",
+        model = build_tiny_switch(cfg, W, replicated=mode in OURS, capacity=mode == "stock_capacity",
                                   set_groups=False)
-        engines[mode] = _engine(model, ds_config if mode == "replicated" else stock_config)
+        engines[mode] = _engine(model, configs[mode])
     state = engines["stock"].module.state_dict()
-    for mode in ("stock_capacity", "replicated"):
+    for mode in MODES[1:]:
         engines[mode].module.load_state_dict(state, strict=True)
+    configure_replication(engines["ragged"])
     n_layers = configure_replication(engines["replicated"])
     replication = engines["replicated"].module.moe_layers()[0].replication
 
@@ -67,8 +73,9 @@ def run(args, ds_config: Dict) -> List[Dict]:
     for mode in ("stock", "stock_capacity"):
         for layer in engines[mode].module.moe_layers():
             layer.register_forward_hook(lambda mod, inp, out, m=mode: seen[m].append(out[2].detach().cpu().clone()))
-    for layer in engines["replicated"].module.moe_layers():
-        layer.register_stats_hook(lambda s: seen["replicated"].append(s))
+    for mode in OURS:
+        for layer in engines[mode].module.moe_layers():
+            layer.register_stats_hook(lambda s, m=mode: seen[m].append(s))
 
     rows = []
     tokens = args.batch * args.seq
@@ -83,7 +90,7 @@ def run(args, ds_config: Dict) -> List[Dict]:
             for step in range(args.warmup + args.steps):
                 x = topic_tokens(cfg, args.batch, args.seq, share, seed=rank * 104729 + step).to(device)
                 out = {}
-                order = MODES if step % 2 == 0 else MODES[::-1]
+                order = MODES[step % len(MODES):] + MODES[:step % len(MODES)]
                 for mode in order:
                     for v in seen.values():
                         v.clear()
@@ -91,11 +98,13 @@ def run(args, ds_config: Dict) -> List[Dict]:
                     if step < args.warmup:
                         continue
                     times[mode].append(ms)
-                    if mode == "replicated":
+                    if mode in OURS:
                         stats = list(seen[mode])
                         balance[mode].append(sum(s.balancedness for s in stats) / len(stats))
                         dropped[mode] += sum(s.dropped_tokens for s in stats)
-                        hottest.append(max(float(s.counts_E.max() / max(int(s.counts_E.sum()), 1)) for s in stats))
+                        if mode == "replicated":
+                            hottest.append(max(float(s.counts_E.max() / max(int(s.counts_E.sum()), 1))
+                                               for s in stats))
                     else:
                         local = torch.stack(seen[mode])
                         glob = local.clone().to(device)
@@ -110,12 +119,16 @@ def run(args, ds_config: Dict) -> List[Dict]:
                 if step >= args.warmup:
                     for mode in MODES:
                         diff[mode] = max(diff[mode], float((out[mode] - out["stock"]).abs().max()))
+        limit = 1.0 / median(balance["ragged"])
         for mode in MODES:
             t = torch.tensor([diff[mode]], dtype=torch.float64, device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            vs_ragged = median(times["ragged"]) / median(times[mode])
             rows.append(dict(workload=name, mode=mode, hottest_share=median(hottest), ms=median(times[mode]),
-                             speedup=median(times["stock"]) / median(times[mode]), balancedness=median(balance[mode]),
-                             dropped_tokens=dropped[mode], max_abs_diff=float(t), ms_all=times[mode]))
+                             speedup=median(times["stock"]) / median(times[mode]), speedup_vs_ragged=vs_ragged,
+                             balance_limit=limit, fraction_of_limit=vs_ragged / limit,
+                             balancedness=median(balance[mode]), dropped_tokens=dropped[mode], max_abs_diff=float(t),
+                             ms_all=times[mode]))
         if rank == 0:
             print(f"[infer] {name}: " + ", ".join(f"{m} {median(times[m]):.1f} ms" for m in MODES), flush=True)
     report(f"Tiny Switch-style model: {cfg.blocks} blocks ({cfg.blocks // 2} MoE), H={cfg.hidden}, F={cfg.ffn}, "
@@ -127,10 +140,12 @@ def run(args, ds_config: Dict) -> List[Dict]:
 
 def table(rows: List[Dict]) -> str:
     return markdown_table(
-        ["workload", "hottest expert (max over layers)", "mode", "ms / forward", "speed-up vs stock", "balancedness",
-         "dropped tokens", "max abs diff vs stock"],
+        ["workload", "hottest expert (max over layers)", "mode", "ms / forward", "vs stock", "vs ragged",
+         "of balance limit", "balancedness", "dropped tokens", "max abs diff vs stock"],
         [[r["workload"], f"{r['hottest_share']:.0%}", r["mode"], f"{r['ms']:.1f}", f"{r['speedup']:.2f}x",
-          f"{r['balancedness']:.2f}", r["dropped_tokens"], f"{r['max_abs_diff']:.1e}"] for r in rows])
+          f"{r['speedup_vs_ragged']:.2f}x", f"{r['fraction_of_limit']:.0%} of {r['balance_limit']:.2f}x"
+          if r["mode"] == "replicated" else "", f"{r['balancedness']:.2f}", r["dropped_tokens"],
+          f"{r['max_abs_diff']:.1e}"] for r in rows])
 
 
 def main(argv=None) -> int:

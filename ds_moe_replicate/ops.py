@@ -2,7 +2,9 @@
 
 ``moe_replication.kernels`` decides, per call, from the tensors' device:
 
-- ``"auto"``: the Triton kernel on CUDA tensors when ``triton`` imports, the twin otherwise;
+- ``"auto"``: the Triton kernel on CUDA tensors when ``triton`` imports and the compiled kernel
+  tests have passed on this kind of device (``kernels/verified.json``, written by
+  ``launch/gpu_check.sh``; none so far), the twin otherwise;
 - ``"triton"``: always the kernel; refused with a clear error when ``triton`` is missing, or on
   a CPU tensor without ``TRITON_INTERPRET=1`` (Triton runs on CPU only in its interpreter);
 - ``"torch"``: always the twin.
@@ -22,7 +24,7 @@ from .kernels import assign_slots as _slots
 from .kernels import combine as _combine
 from .kernels import permute as _permute
 from .kernels import topk_gating as _gating
-from .kernels._launch import interpreting
+from .kernels._launch import interpreting, verified
 
 __all__ = ["KernelUnavailable", "use_triton", "topk_gating", "assign_slots", "permute", "combine", "CHOICES"]
 
@@ -38,7 +40,7 @@ def use_triton(kernels: str, device: torch.device) -> bool:
     if kernels == "torch":
         return False
     if kernels == "auto":
-        return HAS_TRITON and device.type == "cuda"
+        return HAS_TRITON and device.type == "cuda" and verified(device)
     if kernels == "triton":
         if not HAS_TRITON:
             raise KernelUnavailable("moe_replication.kernels is 'triton' but triton is not installed "

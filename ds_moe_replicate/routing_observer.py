@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .planner import balancedness
+from .runtime import all_reduce
 
 __all__ = ["RoutingObserver"]
 
@@ -50,7 +51,7 @@ class RoutingObserver:
             raise RuntimeError(f"routing seen from {len(self._counts)} of {len(self.layers)} MoE layers this step")
         counts_LE = torch.stack([self._counts[j].cpu() for j in range(len(self.layers))])
         if dist.is_initialized() and ep_size > 1:
-            dist.all_reduce(counts_LE, group=self.group)
+            counts_LE = all_reduce(counts_LE, group=self.group)
         bal, replicas = [], 0
         for j in range(len(self.layers)):
             stats = self._stats.get(j)

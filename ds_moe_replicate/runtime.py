@@ -14,7 +14,7 @@ from typing import Any, Callable, List, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "device_for_rank", "timed", "all_max", "median"]
+__all__ = ["init_distributed", "device_for_rank", "collective_device", "all_reduce", "timed", "all_max", "median"]
 
 
 def init_distributed() -> None:
@@ -56,6 +56,23 @@ def device_for_rank() -> torch.device:
     return torch.device("cpu")
 
 
+def collective_device(group=None) -> torch.device:
+    """Where tensors handed to a collective of ``group`` must live: this rank's CUDA device under
+    NCCL (which takes device tensors only), the CPU under gloo (docs/design.md, "GPU-correct")."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(t: torch.Tensor, op=None, group=None) -> torch.Tensor:
+    """All-reduce ``t`` on the collective's device; returns the result on ``t``'s device."""
+    if not dist.is_initialized():
+        return t
+    work = t.to(collective_device(group))
+    dist.all_reduce(work, op=op if op is not None else dist.ReduceOp.SUM, group=group)
+    return work.to(t.device)
+
+
 def timed(fn: Callable[[], Any], group=None) -> Tuple[Any, float]:
     """Run ``fn()`` after a barrier; returns (result, ms), the ms being the slowest rank's."""
     if dist.is_initialized():
@@ -72,9 +89,7 @@ def all_max(value: float, group=None) -> float:
     """The largest ``value`` over the ranks (a device tensor, as NCCL needs)."""
     if not dist.is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=device_for_rank())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return float(t)
+    return float(all_reduce(torch.tensor([value], dtype=torch.float64), dist.ReduceOp.MAX, group))
 
 
 def median(values: List[float]) -> float:

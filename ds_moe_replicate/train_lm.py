@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from .byte_lm import ByteLMConfig, build_byte_lm, full_state_dict
 from .config import ReplicationConfig
 from .routing_observer import RoutingObserver
+from .runtime import all_reduce
 from .stdlib_text import HELD_OUT_SHARE, Corpus, load_corpus
 from .traces import TraceRecorder
 
@@ -90,8 +91,7 @@ def heldout_loss(engine, windows_BS: torch.Tensor, batch: int, observer: Optiona
                 if recorder is not None:
                     for j, c in enumerate(seen["counts_LE"]):
                         recorder.record(j, c)
-    if dist.is_initialized():
-        dist.all_reduce(total)
+    total = all_reduce(total)
     engine.train()
     out = dict(loss=float(total[0] / total[1]))
     if balance:
@@ -164,7 +164,7 @@ def train(args) -> Optional[Dict]:
         for j, c in enumerate(seen["counts_LE"]):
             recorder.record(j, c)
         reduced = torch.tensor([float(lm_loss.detach()), float(model.l_aux.detach())], dtype=torch.float64)
-        dist.all_reduce(reduced)
+        reduced = all_reduce(reduced)
         reduced /= world
         seconds = time.perf_counter() - t0
         tokens_per_s = world * batch * args.seq / seconds

@@ -19,9 +19,12 @@ _INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", 
 # Row dtypes the data-moving kernels accept.
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
-__all__ = ["interpreting", "check", "tuned", "forced", "next_pow2", "cdiv", "device_name", "TUNED_PATH"]
+__all__ = ["interpreting", "check", "tuned", "forced", "next_pow2", "cdiv", "device_name", "TUNED_PATH",
+           "VERIFIED_PATH", "verified"]
 
 TUNED_PATH = Path(__file__).with_name("tuned.json")
+# Device kinds on which the kernel tests passed compiled (written by launch/gpu_check.sh).
+VERIFIED_PATH = Path(__file__).with_name("verified.json")
 
 
 def interpreting() -> bool:
@@ -98,3 +101,16 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """Smallest power of two >= max(n, 1) (Triton block sizes must be powers of two)."""
     return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def verified(device: torch.device, path: Optional[Path] = None) -> bool:
+    """True when the compiled kernel tests passed on this kind of device (``verified.json``,
+    ``{"devices": [names]}``, written by ``launch/gpu_check.sh``)."""
+    if device.type != "cuda":
+        return False
+    try:
+        with open(str(path or VERIFIED_PATH)) as f:
+            names = json.load(f).get("devices", [])
+    except FileNotFoundError:
+        return False
+    return device_name(device) in names

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -236,4 +237,40 @@ def reconfigure_lookahead(rank: int, times: int = 3) -> CaseResult:
             with torch.no_grad():
                 res.diffs.append(float((stock(tokens) - model(tokens)).abs().max()))
             res.replicas.append(sum(layer.last_stats.num_replicas for layer in model.moe_layers()))
+    return res
+
+
+@dataclass
+class DeviceRuleResult:
+    """Collective calls made under the strict wrapper, by function name."""
+
+    calls: dict = field(default_factory=dict)
+    error: Optional[str] = None
+
+
+def collectives_on_their_device(rank: int) -> DeviceRuleResult:
+    """Every collective call site of a step (inference with prefetched copies, training with
+    copies that travel and gradients that return, a static plan, the timer, the eval reduction)
+    hands over tensors on the collective's device."""
+    from ds_moe_replicate.eval.harness import _all_reduce
+    from ds_moe_replicate.runtime import timed
+    from ds_moe_replicate.testing.strict import strict_collectives
+
+    res = DeviceRuleResult()
+    stock, rep = _pair(rank)
+    try:
+        with strict_collectives() as calls:
+            for step in range(3):
+                _compare(stock, rep, rank, step, CaseResult())
+            rep.train()
+            x = _skewed(rep, rank, 9)
+            (rep(x)[0] ** 2).mean().backward()
+            rep.eval()
+            inner = rep.deepspeed_moe
+            inner.install(inner.policy.plan(np.arange(inner.num_experts, dtype=float) + 1, grad=False))
+            timed(lambda: None)
+            _all_reduce(torch.ones(2))
+        res.calls = dict(calls)
+    except AssertionError as err:
+        res.error = str(err)
     return res

@@ -63,3 +63,11 @@ def test_reapplying_the_lookahead_config_keeps_working():
     for r in run_ranks(fw.reconfigure_lookahead, 2, timeout=CASE_TIMEOUT):
         assert max(r.diffs) <= TOL
         assert any(n >= 1 for n in r.replicas)
+
+
+def test_every_collective_gets_tensors_on_its_device():
+    for r in run_ranks(fw.collectives_on_their_device, 2, timeout=CASE_TIMEOUT):
+        assert r.error is None, r.error
+        # The step all-gather, the uneven all-to-all, point-to-point copies both ways, reductions.
+        for name in ("all_gather_into_tensor", "all_to_all_single", "isend", "irecv", "all_reduce"):
+            assert r.calls.get(name, 0) > 0, (name, r.calls)

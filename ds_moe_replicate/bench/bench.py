@@ -36,6 +36,7 @@ import torch.distributed as dist
 from ..config import ReplicationConfig
 from ..layer import configure_replication
 from ..planner import plan_replicas
+from ..runtime import all_reduce, collective_device
 from .common import device_for_rank, init_distributed, median, rank_balance, timed
 from .stack import build_stack
 from .traces import Trace, load_trace, save_trace
@@ -89,6 +90,7 @@ class _StockCounts:
 
     def gathered_LWE(self) -> np.ndarray:
         local = torch.stack([self.local[j] for j in sorted(self.local)]).to(torch.int64)
+        local = local.to(collective_device())
         parts = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, local)
         return torch.stack(parts, dim=1).numpy()
@@ -167,8 +169,7 @@ def run_bench(args, base: Dict, modes: List[str], trace: Trace = None) -> Dict:
                       f"{time.perf_counter() - t_start:.0f} s): "
                       + ", ".join(f"{m} {step_ms[m]:.0f} ms" for m in modes), flush=True)
     for mode in modes:
-        t = torch.tensor([diff[mode]], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = all_reduce(torch.tensor([diff[mode]], dtype=torch.float64), dist.ReduceOp.MAX)
         diff[mode] = float(t)
     # Planner time: one re-plan of every layer at once, on this run's counts (outside any forward).
     load_LE = np.mean(counts_BLE, axis=0)

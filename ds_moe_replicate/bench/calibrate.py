@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..runtime import all_reduce
 from .common import expert_mlp
 from .costmodel import Hardware
 
@@ -86,8 +87,7 @@ def all_to_all_bandwidth(sizes: Sequence[int], device: torch.device, group=None,
             dist.all_to_all_single(y, x, group=group)
 
         dist.barrier(group=group)
-        t = torch.tensor([time_ms(run, device, repeats)], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        t = all_reduce(torch.tensor([time_ms(run, device, repeats)], dtype=torch.float64), dist.ReduceOp.MAX, group)
         ms.append(float(t))
     off = [s * (W - 1) / W for s in sizes]
     latency_ms, ms_per_byte = _fit_line(off, ms)

@@ -1,9 +1,11 @@
-"""Layer benchmark: stock DeepSpeed MoE (dropless) vs ReplicatedMoE, side by side, same batches.
+"""Layer benchmark: stock DeepSpeed MoE (dropless, padded), our ragged path without replicas, and
+ReplicatedMoE, side by side on the same batches.
 
-Run under the ``deepspeed`` launcher (``launch/bench_layer.py``). For each workload both layers
-see identical batches; after warm-up (so the first plan has landed) they run alternately, each
-forward timed after a barrier as the slowest rank's time, and the medians are compared. Every
-pair of outputs is compared too.
+Run under the ``deepspeed`` launcher (``launch/bench_layer.py``). For each workload the three
+layers see identical batches; after warm-up (so the first plan has landed) they take turns, each
+forward timed after a barrier as the slowest rank's time, and the medians are compared. Outputs
+are compared too. The balance limit is 1 / the ragged path's balancedness: the speed-up over it
+that perfectly balanced ranks would give if expert compute were all the time.
 
 Workloads: ``uniform`` (the random gate's own routing), ``hot43`` / ``hot76`` (one expert steered
 to 43% / 76% of the routes), and ``trace`` (``--trace FILE``: batch i routes like batch i of one
@@ -14,6 +16,7 @@ toward its expert's gate row, as ``launch/bench.py --workload trace`` does for a
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -21,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .common import (
+    all_max,
     build_pair,
     device_for_rank,
     init_distributed,
@@ -32,6 +36,8 @@ from .common import (
     steer,
     timed,
 )
+
+log = logging.getLogger(__name__)
 
 WORKLOADS = {"uniform": None, "hot43": 0.43, "hot76": 0.76}
 
@@ -56,6 +62,9 @@ def bench_layer(hidden: int, ffn: int, num_experts: int, tokens: int, k: int, wo
     rank = dist.get_rank()
     device = device_for_rank()
     stock, rep = build_pair(hidden, ffn, num_experts, W, k, replication=replication, expert_std=0.02, device=device)
+    _, ragged = build_pair(hidden, ffn, num_experts, W, k, replication={**replication, "slots_per_rank": 0},
+                           expert_std=0.02, device=device)
+    layers = {"stock": stock, "ragged": ragged, "ours": rep}
     gate_w = stock.deepspeed_moe.gate.wg.weight.detach().cpu()
     rows = []
     for name in workloads:
@@ -68,46 +77,52 @@ def bench_layer(hidden: int, ffn: int, num_experts: int, tokens: int, k: int, wo
             share = 0.0 if target is None else share_for_hottest(target, num_experts)
             batches = [steer(tokens, hidden, gate_w, hot_expert, share, seed=rank * 7919 + i).to(device)
                        for i in range(warmup + repeats)]
-        times = {"stock": [], "ours": []}
+        modes = list(layers)
+        times = {m: [] for m in modes}
         diff, stock_bal, ours_bal, waits, counts = 0.0, [], [], [], None
         with torch.no_grad():
             for i, x in enumerate(batches):
-                order = ("stock", "ours") if i % 2 == 0 else ("ours", "stock")
+                order = modes[i % 3:] + modes[:i % 3]
                 out = {}
                 for mode in order:
-                    layer = stock if mode == "stock" else rep
+                    layer = layers[mode]
                     (y, _, c), ms = timed(lambda: layer(x))
                     out[mode] = y
                     if i >= warmup:
                         times[mode].append(ms)
                 s = rep.last_stats
-                diff = max(diff, float((out["stock"] - out["ours"]).abs().max()))
+                diff = max(diff, float((out["stock"] - out["ours"]).abs().max()),
+                           float((out["stock"] - out["ragged"]).abs().max()))
                 if i >= warmup:
                     stock_bal.append(rank_balance(s.counts_E, W))
                     ours_bal.append(s.balancedness)
                     waits.append(s.exposed_wait_ms)
                 counts = s.counts_E
-        t = torch.tensor([diff], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        limit = 1.0 / median(stock_bal)
+        ragged_ms, ours_ms = median(times["ragged"]), median(times["ours"])
         row = dict(workload=name, hottest_share=float(counts.max() / counts.sum()),
-                   stock_ms=median(times["stock"]), ours_ms=median(times["ours"]),
-                   speedup=median(times["stock"]) / median(times["ours"]),
+                   stock_ms=median(times["stock"]), ragged_ms=ragged_ms, ours_ms=ours_ms,
+                   speedup=median(times["stock"]) / ours_ms, ragged_speedup=median(times["stock"]) / ragged_ms,
+                   speedup_vs_ragged=ragged_ms / ours_ms, balance_limit=limit,
+                   fraction_of_limit=ragged_ms / ours_ms / limit,
                    stock_balancedness=median(stock_bal), ours_balancedness=median(ours_bal),
-                   exposed_wait_ms=median(waits), max_abs_diff=float(t), stock_ms_all=times["stock"],
-                   ours_ms_all=times["ours"])
+                   exposed_wait_ms=median(waits), max_abs_diff=all_max(diff), stock_ms_all=times["stock"],
+                   ragged_ms_all=times["ragged"], ours_ms_all=times["ours"])
         rows.append(row)
         if progress and rank == 0:
-            print(f"[bench] {name}: stock {row['stock_ms']:.1f} ms, ours {row['ours_ms']:.1f} ms "
-                  f"({row['speedup']:.2f}x)", flush=True)
+            log.info("%s: stock %.1f ms, ragged %.1f ms, replicated %.1f ms (%.2fx over ragged, %.0f%% of the "
+                     "balance limit %.2fx)", name, row["stock_ms"], ragged_ms, ours_ms, row["speedup_vs_ragged"],
+                     100 * row["fraction_of_limit"], limit)
     return rows
 
 
 def table(rows: List[Dict]) -> str:
     return markdown_table(
-        ["workload", "hottest expert share", "stock ms", "ours ms", "speed-up", "stock balancedness",
-         "ours balancedness", "max abs diff"],
-        [[r["workload"], f"{r['hottest_share']:.0%}", f"{r['stock_ms']:.1f}", f"{r['ours_ms']:.1f}",
-          f"{r['speedup']:.2f}x", f"{r['stock_balancedness']:.2f}", f"{r['ours_balancedness']:.2f}",
+        ["workload", "hottest expert share", "stock ms", "ragged ms", "replicated ms", "replicated vs stock",
+         "replicated vs ragged", "balance limit", "of limit", "ragged / replicated balancedness", "max abs diff"],
+        [[r["workload"], f"{r['hottest_share']:.0%}", f"{r['stock_ms']:.1f}", f"{r['ragged_ms']:.1f}",
+          f"{r['ours_ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['speedup_vs_ragged']:.2f}x", f"{r['balance_limit']:.2f}x",
+          f"{r['fraction_of_limit']:.0%}", f"{r['stock_balancedness']:.2f} / {r['ours_balancedness']:.2f}",
           f"{r['max_abs_diff']:.1e}"] for r in rows])
 
 
@@ -129,6 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", default=None, help="write the rows here (rank 0)")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from ..config import ReplicationConfig
 
@@ -153,7 +169,8 @@ def main(argv=None) -> int:
         trace_BE, args.experts = trace.counts_BLE[:, args.trace_layer], trace.num_experts
     rows = bench_layer(args.hidden, args.ffn, args.experts, args.tokens, args.k, workloads, args.warmup,
                        args.repeats, cfg.model_dump(), trace_counts_BE=trace_BE)
-    report(f"ReplicatedMoE vs stock deepspeed.moe.layer.MoE (dropless), EP={dist.get_world_size()}, "
+    report(f"stock deepspeed.moe.layer.MoE (dropless, padded) vs our ragged path without replicas vs "
+           f"ReplicatedMoE (inference), EP={dist.get_world_size()}, "
            f"E={args.experts}, H={args.hidden}, F={args.ffn}, {args.tokens} tokens/rank, k={args.k}, "
            f"{args.repeats} timed forwards each after {args.warmup} warm-up, "
            f"device={device_for_rank().type}, replication={cfg.model_dump()}", table(rows), rows, args.json)

@@ -112,7 +112,7 @@ def bench_train(args, base_config: Dict, replication: ReplicationConfig) -> List
                 losses[mode].append(float(loss))
                 if i >= args.warmup:
                     times[mode].append(ms)
-                    s = layers[mode].last_stats
+                    s = getattr(layers[mode], "last_stats", None)
                     if s is not None:
                         stats[mode].append(s)
             if rank == 0:

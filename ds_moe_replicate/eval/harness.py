@@ -33,7 +33,7 @@ from ..config import ReplicationConfig
 from ..hf import DeepSpeedMoEBlock, find_moe_blocks, replace_moe_blocks, set_switch_capacity
 from ..layer import ReplicatedMoE
 from ..planner import balancedness
-from ..runtime import median, timed
+from ..runtime import all_reduce, median, timed
 from .metrics import compute_metrics
 from .models import TINY_SWITCH, answer_logits, class_logits, collate, load_model, model_logits
 from .predicted import use_predicted_routing
@@ -184,7 +184,7 @@ def _home_balancedness(counts_BLE: torch.Tensor, ep_size: int) -> float:
 
 def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        t.copy_(all_reduce(t, op=op or dist.ReduceOp.SUM))
     return t
 
 

@@ -45,6 +45,7 @@ from torch import nn
 from ..byte_lm import ByteLM, ByteLMConfig, LocalMoE, build_byte_lm, load_full_state_dict
 from ..config import ReplicationConfig
 from ..routing_observer import RoutingObserver
+from ..runtime import all_reduce
 from ..stdlib_text import load_corpus
 
 __all__ = ["LM_MODES", "run_lm_eval", "lm_markdown_table", "use_predicted_routing", "bootstrap_ci"]
@@ -132,7 +133,7 @@ def _score(model: nn.Module, mode: str, windows_NS: torch.Tensor, docs_N: torch.
     observer.remove()
     t = torch.tensor([diff, float(np.median(ms))], dtype=torch.float64)
     if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = all_reduce(t, dist.ReduceOp.MAX)
     return dict(rows=rows, logits=logits_out, max_abs_logit_diff=float(t[0]), ms_per_batch=float(t[1]),
                 balancedness=float(np.mean(balance)), replicas=replicas)
 

@@ -12,12 +12,27 @@ from ds_moe_replicate import ops
 from ds_moe_replicate.kernels import _launch
 
 
-def test_torch_and_auto_on_cpu_use_the_twins():
+def test_torch_and_auto_on_cpu_use_the_twins(monkeypatch):
     cpu = torch.device("cpu")
     assert ops.use_triton("torch", cpu) is False
     assert ops.use_triton("auto", cpu) is False
     assert ops.use_triton("torch", torch.device("cuda")) is False
+    # "auto" takes the kernels on CUDA only where their compiled tests passed on that device kind.
+    monkeypatch.setattr(ops, "verified", lambda device: False)
+    assert ops.use_triton("auto", torch.device("cuda")) is False
+    monkeypatch.setattr(ops, "verified", lambda device: True)
     assert ops.use_triton("auto", torch.device("cuda")) is ops.HAS_TRITON
+
+
+def test_verified_reads_the_device_kinds_the_kernel_tests_passed_on(tmp_path, monkeypatch):
+    path = tmp_path / "verified.json"
+    assert _launch.verified(torch.device("cpu"), path) is False
+    assert _launch.verified(torch.device("cuda", 0), path) is False  # no file: nothing verified
+    monkeypatch.setattr(_launch, "device_name", lambda device: "NVIDIA H200")
+    path.write_text(json.dumps({"devices": ["NVIDIA H200"]}))
+    assert _launch.verified(torch.device("cuda", 0), path) is True
+    path.write_text(json.dumps({"devices": ["NVIDIA A100"]}))
+    assert _launch.verified(torch.device("cuda", 0), path) is False
 
 
 def test_triton_refused_with_the_field_named(monkeypatch):

@@ -63,3 +63,22 @@ def test_launcher_checks_inputs(device, launch):
         launch("topk_gating", torch.zeros(4, 8, 2, device=device), 1)
     with pytest.raises(ValueError, match="k must lie"):
         launch("topk_gating", torch.zeros(4, 3, device=device), 4)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_nan_and_inf_rows_get_valid_distinct_ids(k, device, launch):
+    logits = torch.randn(6, 5)
+    logits[0] = float("nan")                      # all NaN
+    logits[1, 2] = float("nan")                   # one NaN: the others decide
+    logits[2, 3] = float("inf")                   # +inf wins
+    logits[3] = float("-inf")                     # all -inf
+    logits[4, :3] = float("nan")
+    logits = logits.to(device)
+    got = launch("topk_gating", logits, k)[0]
+    ref = topk_gating_torch(logits, k)[0]
+    assert torch.equal(got, ref)
+    assert ((got >= 0) & (got < 5)).all()
+    assert all(len(set(r)) == k for r in got.tolist())
+    assert got[2, 0] == 3
+    assert 2 not in got[1, : min(k, 4)].tolist()  # a NaN logit counts as -inf
+    assert int(launch("topk_gating", logits, k)[2].sum()) == 6 * k  # counts still sum to T * k
