@@ -25,7 +25,8 @@ from . import lookahead
 from .comm import ReplicationError, gather_step, group_rank, group_size
 from .config import ReplicationConfig
 from .controller import ReplicationController
-from .dispatch import capacity_transport, combine, dispatch, transport
+from .dispatch import combine, dispatch
+from .split import capacity_transport, transport
 from .placement import Placement
 from .gating import Routes, drop_over_capacity, normalized_weight_TK, route
 from .hooks import RemovableHandle, StatsHooks, StepStats

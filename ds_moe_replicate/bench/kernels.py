@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..dispatch import transport
+from ..split import transport
 from ..kernels import HAS_TRITON
 from ..kernels._launch import interpreting
 from ..kernels import assign_slots as slots_mod
