@@ -26,14 +26,16 @@ expert at most, N routes matched by the north-west corner rule.
 from __future__ import annotations
 
 from collections import OrderedDict
+import dataclasses
 from dataclasses import dataclass
 from typing import List, Tuple
 
 import numpy as np
 
+from . import split_native
 from .placement import Placement
 
-__all__ = ["transport", "capacity_transport", "quotas"]
+__all__ = ["transport", "transport_numpy", "capacity_transport", "quotas", "quotas_numpy"]
 
 # Coordinate-descent rounds over the classes, at most (a round that changes nothing ends the
 # descent). From even shares, three rounds beat the old heaviest-first split (two rounds from home
@@ -78,6 +80,10 @@ class _Layout:
         loc_src / loc_dst: flat indices into [X, W] and [X, R] of every real copy (the source on
             its own rank, and the copy), for the local matches of ``prefer_local``.
         loc_rank / loc_slot: the rank and slot of those copies.
+        cls_rows / cls_start: the classes' rows into X, class after class, and where each starts
+            (what the compiled split reads).
+        native_args: the compiled split's layout arguments (sizes and addresses of the arrays
+            above, which live as long as the layout).
     """
 
     home_slot_E: np.ndarray
@@ -93,6 +99,9 @@ class _Layout:
     loc_dst: np.ndarray
     loc_rank: np.ndarray
     loc_slot: np.ndarray
+    cls_rows: np.ndarray
+    cls_start: np.ndarray
+    native_args: tuple = ()
 
 
 _cache: "OrderedDict[tuple, _Layout]" = OrderedDict()
@@ -109,12 +118,12 @@ def _layout(placement: Placement) -> _Layout:
     e = np.arange(E)
     home_slot_E = (e // e_loc) * C + e % e_loc
     copies_ER, cnt_E = placement.log2phy_ER, placement.logcnt_E
-    rep_X = np.nonzero(cnt_E > 1)[0]
+    rep_X = np.nonzero(cnt_E > 1)[0].astype(np.int64)
     R = int(cnt_E.max(initial=1))
     sub = copies_ER[rep_X, :R]
     valid = sub >= 0
-    slot_XR = np.where(valid, sub, P)
-    rank_XR = np.where(valid, sub // C, W)
+    slot_XR = np.ascontiguousarray(np.where(valid, sub, P), dtype=np.int64)
+    rank_XR = np.ascontiguousarray(np.where(valid, sub // C, W), dtype=np.int64)
     # Greedy colouring, experts with more copies first: an expert joins the first class whose
     # ranks it does not touch. Runs once per placement, so plain Python is fine here.
     order = np.argsort(-cnt_E[rep_X], kind="stable")
@@ -131,8 +140,8 @@ def _layout(placement: Placement) -> _Layout:
             taken.append(set(ranks))
             members.append([x])
     classes = []
-    for m in members:
-        rows = np.array(sorted(m), dtype=np.int64)
+    rows_of = [np.array(sorted(m), dtype=np.int64) for m in members]
+    for rows in rows_of:
         r_c = int(valid[rows].sum(axis=1).max())
         classes.append(_Class(rep_X[rows], np.ascontiguousarray(slot_XR[rows, :r_c].T),
                               np.ascontiguousarray(rank_XR[rows, :r_c].T), np.arange(1, r_c + 1)[:, None]))
@@ -141,13 +150,18 @@ def _layout(placement: Placement) -> _Layout:
     local_XW[xi, rank_XR[xi, ri]] = ri
     loc_rank = rank_XR[xi, ri]
     out = _Layout(home_slot_E, e // e_loc, np.nonzero(cnt_E <= 1)[0], rep_X, slot_XR, rank_XR, valid,
-                  tuple(classes), local_XW[:, :W], xi * W + loc_rank, xi * R + ri, loc_rank, slot_XR[xi, ri])
+                  tuple(classes), local_XW[:, :W], xi * W + loc_rank, xi * R + ri, loc_rank, slot_XR[xi, ri],
+                  np.concatenate(rows_of + [np.zeros(0, dtype=np.int64)]),
+                  np.cumsum([0] + [r.size for r in rows_of]).astype(np.int64))
     arrays = [out.home_slot_E, out.home_rank_E, out.single_E, out.rep_X, out.slot_XR, out.rank_XR, out.valid_XR,
-              out.local_XW, out.loc_src, out.loc_dst, out.loc_rank, out.loc_slot]
+              out.local_XW, out.loc_src, out.loc_dst, out.loc_rank, out.loc_slot, out.cls_rows, out.cls_start]
     for c in out.classes:
         arrays += [c.expert_N, c.slot_RN, c.rank_RN, c.m_R1]
     for arr in arrays:
         arr.setflags(write=False)
+    X = rep_X.size
+    out = dataclasses.replace(out, native_args=(X, R, rep_X.ctypes.data, slot_XR.ctypes.data, rank_XR.ctypes.data,
+                                                out.cls_rows.ctypes.data, out.cls_start.ctypes.data, len(classes)))
     _cache[key] = out
     if len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
@@ -202,16 +216,37 @@ def _quotas(total_E: np.ndarray, lay: _Layout, W: int, P: int) -> np.ndarray:
     return quota_P
 
 
+def _check_counts(counts_WE: np.ndarray, placement: Placement, any_rows: bool = False) -> None:
+    W, E = placement.ep_size, placement.num_experts
+    if counts_WE.ndim != 2 or counts_WE.shape[1] != E or not (any_rows or counts_WE.shape[0] == W):
+        want = f"[rows, E={E}]" if any_rows else f"[W={W}, E={E}]"
+        raise ValueError(f"counts_WE must have shape {want} for this placement, got {tuple(counts_WE.shape)}")
+
+
 def quotas(counts_WE: np.ndarray, placement: Placement) -> np.ndarray:
     """Tokens each physical slot computes under the split (the column sums of ``transport``).
 
     Args:
-        counts_WE: int64 [W, E] routes per source rank and logical expert.
+        counts_WE: int64 [W, E] routes per source rank and logical expert (any number of rows:
+            only their sum over rows matters, e.g. [1, E] loads).
         placement: the active placement.
 
     Returns:
         int64 [P] tokens per physical slot; each expert's copies add up to its total.
     """
+    W, P = placement.ep_size, placement.phy2log_P.size
+    counts_WE = np.asarray(counts_WE)
+    _check_counts(counts_WE, placement, any_rows=True)
+    lay = _layout(placement)
+    quota_P = np.zeros(P, dtype=np.int64)
+    if split_native.split_into(counts_WE, lay, W, placement.slots_per_rank_total, placement.experts_per_rank,
+                               _ROUNDS, False, np.zeros((counts_WE.shape[0], P), dtype=np.int64), quota_P):
+        return quota_P
+    return quotas_numpy(counts_WE, placement)
+
+
+def quotas_numpy(counts_WE: np.ndarray, placement: Placement) -> np.ndarray:
+    """``quotas`` in NumPy: the twin of the compiled split, and its test oracle."""
     P = placement.phy2log_P.size
     total_E = np.asarray(counts_WE, dtype=np.int64).sum(axis=0)
     return _quotas(total_E, _layout(placement), placement.ep_size, P)[:P]
@@ -224,6 +259,29 @@ def transport(counts_WE: np.ndarray, placement: Placement, prefer_local: bool = 
     coordinate descent, see the module docstring); then each source rank's routes are matched to
     copies: first to a copy on the source rank itself (``prefer_local``), the rest in rank order
     to the copies in slot order (north-west corner rule). Deterministic from the gathered counts.
+    Runs compiled (``split_native``) where a C compiler is at hand, else ``transport_numpy``;
+    both give the same integers.
+
+    Args:
+        counts_WE: int64 [W, E] routes per source rank and logical expert (same on all ranks).
+        placement: the active placement.
+        prefer_local: keep a rank's routes on its own copy where it has one.
+
+    Returns:
+        int64 [W, P] routes from each source rank to each physical slot.
+    """
+    W, P = placement.ep_size, placement.phy2log_P.size
+    _check_counts(counts_WE, placement)
+    lay = _layout(placement)
+    send_WP = np.zeros((W, P), dtype=np.int64)
+    if split_native.split_into(counts_WE, lay, W, placement.slots_per_rank_total, placement.experts_per_rank,
+                               _ROUNDS, prefer_local, send_WP, np.zeros(P, dtype=np.int64)):
+        return send_WP
+    return transport_numpy(counts_WE, placement, prefer_local)
+
+
+def transport_numpy(counts_WE: np.ndarray, placement: Placement, prefer_local: bool = True) -> np.ndarray:
+    """``transport`` in NumPy: the twin of the compiled split, and its test oracle.
 
     Args:
         counts_WE: int64 [W, E] routes per source rank and logical expert (same on all ranks).

@@ -3,6 +3,7 @@
 Checked on random placements (any expert in any replica slot, at most one copy per rank) and on
 planner placements, against naive per-expert loops as oracles:
 
+- the compiled split (``split_native``) and its NumPy twin give the same integers;
 - deterministic: the same counts and layout give the same integers, from a fresh cache too;
 - exact: every source rank sends each expert exactly its routes, only to slots holding it;
 - the dropless split's column sums are ``quotas``; with ``prefer_local`` a rank's routes go to its
@@ -16,7 +17,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ds_moe_replicate import split
+from ds_moe_replicate import split, split_native
 from ds_moe_replicate.placement import Placement
 from ds_moe_replicate.planner import plan_replicas, split_loads
 
@@ -111,13 +112,30 @@ def capacity_oracle(counts, cap, pl, prefer_local):
 @given(cases())
 def test_transport_is_exact_and_follows_the_quotas(case):
     counts, pl, local = case
-    send = split.transport(counts, pl, prefer_local=local)
+    send = split.transport_numpy(counts, pl, prefer_local=local)
     assert send.dtype == np.int64 and send.shape == (counts.shape[0], pl.phy2log_P.size)
     assert (send >= 0).all() and (send[:, pl.phy2log_P < 0] == 0).all()
     np.testing.assert_array_equal(per_expert(send, pl), counts)
-    quota = split.quotas(counts, pl)
+    quota = split.quotas_numpy(counts, pl)
     np.testing.assert_array_equal(send.sum(axis=0), quota)
     np.testing.assert_array_equal(send, nw_oracle(counts, quota, pl, local))
+    # What the layer calls (compiled where it can be built) gives the twin's integers.
+    np.testing.assert_array_equal(split.transport(counts, pl, prefer_local=local), send)
+    np.testing.assert_array_equal(split.quotas(counts, pl), quota)
+
+
+def test_the_compiled_split_is_built_here_and_the_twin_stands_in_without_it(monkeypatch):
+    # NOTE: every CI machine of this project has a C compiler; a miss here means the split silently
+    # fell back to NumPy (ten times slower), which this test should make loud.
+    assert split_native.available()
+    rng = np.random.default_rng(5)
+    counts = rng.integers(0, 100, (8, 32)).astype(np.int64)
+    counts[:, 3] += 900
+    pl = plan_replicas(counts.sum(axis=0), 8, 2).placement()
+    fast = split.transport(counts, pl)
+    monkeypatch.setattr(split_native, "_function", lambda: None)
+    assert not split_native.available()
+    np.testing.assert_array_equal(split.transport(counts, pl), fast)
 
 
 @settings(max_examples=150, deadline=None)
