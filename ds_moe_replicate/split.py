@@ -238,9 +238,9 @@ def quotas(counts_WE: np.ndarray, placement: Placement) -> np.ndarray:
     counts_WE = np.asarray(counts_WE)
     _check_counts(counts_WE, placement, any_rows=True)
     lay = _layout(placement)
-    quota_P = np.zeros(P, dtype=np.int64)
+    quota_P = np.empty(P, dtype=np.int64)
     if split_native.split_into(counts_WE, lay, W, placement.slots_per_rank_total, placement.experts_per_rank,
-                               _ROUNDS, False, np.zeros((counts_WE.shape[0], P), dtype=np.int64), quota_P):
+                               _ROUNDS, False, np.empty((counts_WE.shape[0], P), dtype=np.int64), quota_P):
         return quota_P
     return quotas_numpy(counts_WE, placement)
 
@@ -273,9 +273,9 @@ def transport(counts_WE: np.ndarray, placement: Placement, prefer_local: bool = 
     W, P = placement.ep_size, placement.phy2log_P.size
     _check_counts(counts_WE, placement)
     lay = _layout(placement)
-    send_WP = np.zeros((W, P), dtype=np.int64)
+    send_WP = np.empty((W, P), dtype=np.int64)
     if split_native.split_into(counts_WE, lay, W, placement.slots_per_rank_total, placement.experts_per_rank,
-                               _ROUNDS, prefer_local, send_WP, np.zeros(P, dtype=np.int64)):
+                               _ROUNDS, prefer_local, send_WP, np.empty(P, dtype=np.int64)):
         return send_WP
     return transport_numpy(counts_WE, placement, prefer_local)
 

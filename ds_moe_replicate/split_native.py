@@ -48,7 +48,7 @@ static void sort_small(i64 *a, i64 n) {
 /* See split.transport_numpy: the same steps, in the same order, in the same integers.
  * counts [Ws, E] (Ws source rows: W in the split, any number for quotas alone); slot_XR /
  * rank_XR [X, R] (padding: slot P); cls_rows the rows of X class by class, cls_start [n_cls + 1];
- * send [Ws, P] and quota [P] zeroed on entry. Returns 0, or -1 if
+ * send [Ws, P] and quota [P]: every entry is written (no need to zero them first). Returns 0, or -1 if
  * scratch memory could not be had. */
 int ds_split(const i64 *counts, i64 Ws, i64 W, i64 E, i64 e_loc, i64 C, i64 X, i64 R,
              const i64 *rep_X, const i64 *slot_XR, const i64 *rank_XR,
@@ -66,19 +66,22 @@ int ds_split(const i64 *counts, i64 Ws, i64 W, i64 E, i64 e_loc, i64 C, i64 X, i
     int rc = -1;
     if (!total || !home || !load || !rest || !base || !sorted || !fill || !rep) goto done;
     rc = 0;
+    memset(quota, 0, (size_t)P * sizeof(i64));
     for (i64 w = 0; w < Ws; w++)
         for (i64 e = 0; e < E; e++) total[e] += counts[w * E + e];
     for (i64 e = 0; e < E; e++) home[e / e_loc] += total[e];
     for (i64 x = 0; x < X; x++) rep[rep_X[x]] = 1;
-    /* Experts with one copy: every route home, rank by rank, home expert by home expert (both
-     * arrays in order; replicated experts' home columns are overwritten below). */
+    /* Experts with one copy: every route home, rank by rank, home expert by home expert, replica
+     * slots zero: one pass over send in order (replicated experts' columns are set below). */
     for (i64 e = 0; e < E; e++)
         if (!rep[e]) quota[(e / e_loc) * C + e % e_loc] = total[e];
     for (i64 w = 0; w < Ws; w++) {
         const i64 *src = counts + w * E;
         i64 *dst = send + w * P;
-        for (i64 h = 0; h < W; h++)
+        for (i64 h = 0; h < W; h++) {
             memcpy(dst + h * C, src + h * e_loc, (size_t)e_loc * sizeof(i64));
+            memset(dst + h * C + e_loc, 0, (size_t)(C - e_loc) * sizeof(i64));
+        }
     }
     if (X == 0) goto done;
     /* Even shares, the first copy takes the rounding rest. */
@@ -208,7 +211,7 @@ def available() -> bool:
 
 def split_into(counts_WE: np.ndarray, lay, W: int, C: int, e_loc: int, rounds: int, prefer_local: bool,
                send_WP: np.ndarray, quota_P: np.ndarray) -> bool:
-    """Fill ``send_WP`` (int64 [rows of counts_WE, P], zeros) and ``quota_P`` (int64 [P], zeros)
+    """Fill ``send_WP`` (int64 [rows of counts_WE, P]) and ``quota_P`` (int64 [P]), every entry,
     for the layout ``lay`` (``split._Layout``); False if the compiled split is not available.
     ``counts_WE`` has W rows for the split; any number of rows (their sum is what counts) for the
     quotas alone, with ``prefer_local`` off."""

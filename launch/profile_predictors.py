@@ -55,6 +55,18 @@ def _wrap(owner, attr, name):
     setattr(owner, attr, _timed(name, getattr(owner, attr)))
 
 
+class _TimedDist:
+    """``torch.distributed`` as ``replicas`` sees it, with the posting of sends and receives timed."""
+
+    def __init__(self, real) -> None:
+        self._real = real
+        self.isend = _timed("store.start: post isend", real.isend)
+        self.irecv = _timed("store.start: post irecv", real.irecv)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
 def install() -> None:
     """Wrap every timed function where its callers look it up."""
     _wrap(layer.ReplicatedMOELayer, "_replicated_forward", FORWARD)
@@ -73,6 +85,9 @@ def install() -> None:
     _wrap(controller.ReplicationController, "poll", "poll transfers")
     _wrap(replicas.ReplicaStore, "start", "store.start (post sends/recvs)")
     _wrap(replicas.ReplicaStore, "land", "store.land (wait for weights)")
+    replicas.ReplicaStore.flatten = staticmethod(_timed("store.start: flatten home weights",
+                                                        replicas.ReplicaStore.flatten))
+    replicas.dist = _TimedDist(replicas.dist)
     _wrap(layer, "transport", "split (transport)")
     _wrap(layer, "dispatch", "dispatch (permute + all-to-all)")
     _wrap(layer.ReplicatedMOELayer, "_run_slots", "experts (home + replica slots)")
