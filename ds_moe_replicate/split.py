@@ -13,10 +13,12 @@ counts, so it must be cheap at W = 64, E = 256 and give every rank the same inte
    one flattened stream (experts in order, sources in rank order against copies in slot order),
    which a single ``searchsorted`` resolves.
 
-Everything placement-derived (classes, gather indices, the capacity order) is computed once per
-placement and cached, so a step costs a few dozen NumPy calls on arrays of the replicated
-experts' copies only. All arithmetic is int64: the result does not depend on float rounding, so
-ranks on different machines agree exactly.
+Everything placement-derived (classes, gather indices) is computed once per placement and cached.
+``transport`` and ``quotas`` run the arithmetic compiled (``split_native``: the same steps in C,
+a few microseconds plus the dense result) where a C compiler is at hand; ``transport_numpy`` and
+``quotas_numpy`` are the NumPy twins (a few dozen array calls per class and round), used without
+a compiler and as the tests' oracle. All arithmetic is int64: the result does not depend on float
+rounding, so ranks on different machines, compiled or not, agree exactly.
 
 Legend: W ranks, E logical experts, E_loc = E / W, S replica slots per rank, C = E_loc + S slots
 per rank, P = W * C physical slots, X replicated experts (two copies or more), R copies of an
@@ -25,8 +27,8 @@ expert at most, N routes matched by the north-west corner rule.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 import dataclasses
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import List, Tuple
 
@@ -291,7 +293,7 @@ def transport_numpy(counts_WE: np.ndarray, placement: Placement, prefer_local: b
     Returns:
         int64 [W, P] routes from each source rank to each physical slot.
     """
-    W, E = counts_WE.shape
+    W = counts_WE.shape[0]
     P = placement.phy2log_P.size
     lay = _layout(placement)
     counts_WE = counts_WE.astype(np.int64, copy=False)
@@ -353,7 +355,7 @@ def capacity_transport(counts_WE: np.ndarray, capacity_W: np.ndarray, placement:
     Returns:
         int64 [W, P] routes kept from each source rank for each physical slot.
     """
-    W, E = counts_WE.shape
+    W = counts_WE.shape[0]
     P = placement.phy2log_P.size
     lay = _layout(placement)
     counts_WE = counts_WE.astype(np.int64, copy=False)
