@@ -212,11 +212,13 @@ def gather_step(counts_E: torch.Tensor, fingerprint: Fingerprint, group, *, toke
     else:
         out = payload.unsqueeze(0)
     out = out.cpu().numpy()
-    me = group_rank(group)
-    raise_failures(out[:, 0], error, me)
+    if out[:, 0].any():
+        raise_failures(out[:, 0], error, group_rank(group))
     prints = out[:, _HEAD:HEADER]
-    differ = [i for i in range(prints.shape[1]) if (prints[:, i] != prints[0, i]).any()]
-    if differ:
+    differ_F = (prints != prints[0]).any(axis=0)
+    if differ_F.any():
+        me = group_rank(group)
+        differ = np.nonzero(differ_F)[0].tolist()
         names = list(Fingerprint.HINTS)
         parts = []
         for i in differ:

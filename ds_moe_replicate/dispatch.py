@@ -1,13 +1,13 @@
-"""Split, permute, all-to-all and combine for a layer whose experts may have several copies.
+"""Permute, all-to-all and combine for a layer whose experts may have several copies.
 
 Contract (Megatron-style): ``dispatch()`` does the local preprocess (assign each route to a
 physical slot, permute rows into send order), one uneven all-to-all, and groups the received
 rows by local slot; it returns the rows and a frozen ``DispatchMeta`` that ``combine()`` consumes
 for the reverse exchange, un-permute and gate-weighted sum over k.
 
-The split is derived on every rank from the same gathered counts, so every rank knows every
-send size without another collective: ``send_WP[w, p]`` = routes from rank w computed by
-physical slot p.
+The split (``split.transport`` / ``split.capacity_transport``) is derived on every rank from the
+same gathered counts, so every rank knows every send size without another collective:
+``send_WP[w, p]`` = routes from rank w computed by physical slot p.
 
 Legend: T tokens on this rank, H hidden, K routes per token (top-k), E logical experts,
 W ranks, S replica slots per rank, C = E_loc + S slots per rank, P = W * C physical slots,
@@ -25,86 +25,8 @@ import torch
 from . import ops
 from .comm import all_to_all
 from .placement import Placement
-from .planner import split_loads
 
-__all__ = ["transport", "capacity_transport", "DispatchMeta", "dispatch", "combine"]
-
-
-def transport(counts_WE: np.ndarray, placement: Placement, prefer_local: bool = True) -> np.ndarray:
-    """Dropless split: how many routes each rank sends to each physical slot.
-
-    Each expert's total is shared among its copies to minimise the largest rank load
-    (``split_loads``, exact integers); then each source rank's routes are matched to copies:
-    first to a copy on the source rank itself (``prefer_local``), the rest in rank order to the
-    copies in slot order (north-west corner rule). Deterministic from the gathered counts.
-
-    Args:
-        counts_WE: int64 [W, E] routes per source rank and logical expert (same on all ranks).
-        placement: the active placement.
-        prefer_local: keep a rank's routes on its own copy where it has one.
-
-    Returns:
-        int64 [W, P] routes from each source rank to each physical slot.
-    """
-    W, E = counts_WE.shape
-    C = placement.slots_per_rank_total
-    phy = placement.phy2log_P
-    P = phy.size
-    quota_P = split_loads(counts_WE.sum(axis=0), phy, W, integral=True).numpy()[0]
-    rest_WE = counts_WE.astype(np.int64).copy()
-    send_WP = np.zeros((W, P), dtype=np.int64)
-    if prefer_local:
-        p = np.nonzero(phy >= 0)[0]
-        r, e = p // C, phy[p]
-        take = np.minimum(rest_WE[r, e], quota_P[p])
-        send_WP[r, p] = take
-        rest_WE[r, e] -= take
-        quota_P = quota_P.copy()
-        quota_P[p] -= take
-    copies_ER = placement.log2phy_ER
-    quota_ER = np.where(copies_ER >= 0, quota_P[np.maximum(copies_ER, 0)], 0)
-    dst_ER = np.concatenate([np.zeros((E, 1), dtype=np.int64), np.cumsum(quota_ER, axis=1)], axis=1)
-    src_WE = np.concatenate([np.zeros((1, E), dtype=np.int64), np.cumsum(rest_WE, axis=0)], axis=0)
-    # Overlap of source w's interval with copy c's interval, per expert: [W, E, R].
-    lo = np.maximum(src_WE[:-1, :, None], dst_ER[None, :, :-1])
-    hi = np.minimum(src_WE[1:, :, None], dst_ER[None, :, 1:])
-    amount = np.maximum(hi - lo, 0)
-    w, e, c = np.nonzero(amount)
-    np.add.at(send_WP, (w, copies_ER[e, c]), amount[w, e, c])
-    return send_WP
-
-
-def capacity_transport(counts_WE: np.ndarray, capacity_W: np.ndarray, placement: Placement,
-                       prefer_local: bool = True) -> np.ndarray:
-    """Capacity split: every physical slot takes at most ``capacity_W[w]`` routes from rank w.
-
-    DeepSpeed's capacity-factor semantics, per physical slot instead of per expert: an expert
-    with c copies accepts up to c * capacity routes from each rank, so a replicated hot expert
-    drops fewer tokens. A rank fills its local copy first, then the others in slot order.
-
-    Args:
-        counts_WE: int64 [W, E] routes per source rank and expert. capacity_W: int64 [W].
-
-    Returns:
-        int64 [W, P] routes kept from each source rank for each physical slot.
-    """
-    W, E = counts_WE.shape
-    C = placement.slots_per_rank_total
-    copies_ER = placement.log2phy_ER
-    R = copies_ER.shape[1]
-    valid_ER = copies_ER >= 0
-    # Order each rank's copies: its local copy first, then ascending slot.
-    local_WER = valid_ER[None] & ((copies_ER[None] // C) == np.arange(W)[:, None, None])
-    key = np.where(valid_ER[None], np.where(local_WER & prefer_local, -1, copies_ER[None]), np.iinfo(np.int64).max)
-    order = np.argsort(key, axis=2, kind="stable")
-    ordered_WER = np.take_along_axis(np.broadcast_to(copies_ER, (W, E, R)), order, axis=2)
-    filled = np.cumsum(np.broadcast_to(capacity_W[:, None, None], (W, E, R)) * (ordered_WER >= 0), axis=2)
-    before = filled - capacity_W[:, None, None] * (ordered_WER >= 0)
-    take = np.clip(counts_WE[:, :, None] - before, 0, capacity_W[:, None, None]) * (ordered_WER >= 0)
-    send_WP = np.zeros((W, placement.phy2log_P.size), dtype=np.int64)
-    w, e, c = np.nonzero(take)
-    send_WP[w, ordered_WER[w, e, c]] = take[w, e, c]
-    return send_WP
+__all__ = ["DispatchMeta", "dispatch", "combine"]
 
 
 @dataclass(frozen=True)

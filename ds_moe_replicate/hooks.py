@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["StepStats", "StatsHooks", "RemovableHandle", "prediction_quality"]
+__all__ = ["StepStats", "StatsHooks", "RemovableHandle", "prediction_quality", "step_stats"]
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,11 @@ class StepStats:
     balancedness: float
     dropped_tokens: int
     num_replicas: int
-    replanned: bool
-    activated: bool
-    bytes_moved: int
-    bytes_received: int
-    exposed_wait_ms: float
+    replanned: bool = False
+    activated: bool = False
+    bytes_moved: int = 0
+    bytes_received: int = 0
+    exposed_wait_ms: float = 0.0
     predictor: str = "ema"
     predicted_E: Optional[torch.Tensor] = None
     prediction_l1: float = float("nan")
@@ -110,3 +110,26 @@ def prediction_quality(predicted_E: Optional[np.ndarray], actual_E: np.ndarray, 
     hot = a_share > 1.0 / ep_size
     recall = float((p_share[hot] > 1.0 / ep_size).mean()) if hot.any() else 1.0
     return float(np.abs(p_share - a_share).sum()), recall
+
+
+def step_stats(step: int, placement, counts_WE: np.ndarray, send_WP: np.ndarray, prediction: Optional[np.ndarray],
+               **fields) -> StepStats:
+    """The step's record from its gathered numbers (the one place the statistics are computed).
+
+    Args:
+        step: the layer's step index. placement: the placement that served the step.
+        counts_WE: int64 [W, E] gathered routes. send_WP: int64 [W, P] the split.
+        prediction: [E] the loads the serving plan was made for, or None.
+        fields: the remaining ``StepStats`` fields (replanned, activated, bytes, waits, ...).
+    """
+    W = placement.ep_size
+    global_E = counts_WE.sum(axis=0)
+    rank_W = send_WP.reshape(W, W, -1).sum(axis=(0, 2))
+    top = int(rank_W.max()) if rank_W.size else 0
+    bal = float(rank_W.mean() / top) if top > 0 else 1.0
+    l1, recall = prediction_quality(prediction, global_E, W)
+    return StepStats(step=step, plan_version=placement.version, counts_E=torch.from_numpy(global_E),
+                     rank_tokens_W=torch.from_numpy(rank_W), balancedness=bal,
+                     dropped_tokens=int(counts_WE.sum() - send_WP.sum()), num_replicas=placement.num_replicas,
+                     predicted_E=None if prediction is None else torch.from_numpy(np.asarray(prediction)),
+                     prediction_l1=l1, hot_recall=recall, **fields)

@@ -35,16 +35,16 @@ from .comm import (
     raise_failures,
 )
 from .config import ReplicationConfig
-from .dispatch import capacity_transport, combine, dispatch, transport
+from .dispatch import combine, dispatch
 from .fetch import FetchSpec, fetch_replicas
 from .gating import Routes, capacity_per_expert, drop_over_capacity, normalized_weight_TK, route
-from .hooks import RemovableHandle, StatsHooks, StepStats, prediction_quality
+from .hooks import RemovableHandle, StatsHooks, StepStats, step_stats
 from .lookahead import Chain, attach_entry
 from .placement import Placement, plan_transfers
-from .planner import balancedness
 from .policy import Decision, ReplicationPolicy
 from .predictor import AHEAD
 from .replicas import ExpertLayout, ReplicaStore, ReplicaTable
+from .split import capacity_transport, transport
 from .versions import weights_version
 
 __all__ = ["ReplicatedMoE", "ReplicatedMOELayer", "configure_replication"]
@@ -282,7 +282,7 @@ class ReplicatedMOELayer(MOELayer):
                 self._move(after, g.version_W, step)
         except Exception as err:  # noqa: BLE001 - reported to every rank through combine
             step.fail(err, "replica transfer")
-        stats = self._stats(decision, global_E, counts_WE, send_WP, step, grad)
+        stats = self._stats(decision, counts_WE, send_WP, step, grad)
         if step.error is None:
             try:
                 self.last_stats = stats
@@ -443,32 +443,13 @@ class ReplicatedMOELayer(MOELayer):
             params = layout.named(buf_QN[row])
         return torch.func.functional_call(template, params, (chunk,))
 
-    def _stats(self, decision: Decision, global_E, counts_WE, send_WP, step: _Step, grad: bool) -> StepStats:
-        placement = decision.placement
-        W = self.ep_size
-        rank_tokens_W = torch.from_numpy(send_WP.reshape(-1, W, placement.slots_per_rank_total).sum(axis=(0, 2)))
-        prediction = self.policy.prediction
-        l1, recall = prediction_quality(prediction, global_E, W)
-        return StepStats(
-            step=self.policy.step - 1,
-            plan_version=placement.version,
-            counts_E=torch.from_numpy(global_E),
-            rank_tokens_W=rank_tokens_W,
-            balancedness=float(balancedness(rank_tokens_W)),
-            dropped_tokens=int(counts_WE.sum() - send_WP.sum()),
-            num_replicas=placement.num_replicas,
-            replanned=decision.replanned,
-            activated=decision.activated,
-            bytes_moved=step.moved,
-            bytes_received=step.received,
-            exposed_wait_ms=step.waited_ms,
-            predictor=self.replication.predictor if self.policy.source == self.policy.predictor.source else "ema",
-            predicted_E=None if prediction is None else torch.from_numpy(np.asarray(prediction)),
-            prediction_l1=l1,
-            hot_recall=recall,
-            prefetch_late=decision.late,
-            training=grad,
-        )
+    def _stats(self, decision: Decision, counts_WE, send_WP, step: _Step, grad: bool) -> StepStats:
+        policy = self.policy
+        return step_stats(policy.step - 1, decision.placement, counts_WE, send_WP, policy.prediction,
+                          replanned=decision.replanned, activated=decision.activated, bytes_moved=step.moved,
+                          bytes_received=step.received, exposed_wait_ms=step.waited_ms,
+                          predictor=self.replication.predictor if policy.source == policy.predictor.source else "ema",
+                          prefetch_late=decision.late, training=grad)
 
     def _agree_replication_off(self, x: torch.Tensor) -> None:
         """Once per configuration, tell the other ranks that replication is off here: a rank with

@@ -30,6 +30,8 @@ from .config import ReplicationConfig
 from .placement import Placement
 from .planner import plan_replicas
 from .predictor import AHEAD, HISTORY, NOW, make_predictor
+from .replan import replan
+from .split import quotas
 
 __all__ = ["Decision", "ReplicationPolicy"]
 
@@ -88,22 +90,32 @@ class ReplicationPolicy:
 
     def plan(self, load_E: np.ndarray, grad: bool) -> Placement:
         """The placement for ``load_E``: only replicas that lower the predicted largest rank load
-        by more than they cost (``replica_cost``, twice in training); else the home placement."""
+        by more than they cost (``replica_cost``, twice in training); else the home placement.
+
+        Predictors that plan every step (AHEAD, NOW) re-plan incrementally from the active
+        placement (``replan.py``: most copies stay, microseconds to a millisecond); the history
+        predictors plan from scratch every ``replan_interval`` steps (``plan_replicas``)."""
         load_E = np.asarray(load_E, dtype=np.float64)
         cost = self.config.replica_cost * (2.0 if grad else 1.0)
-        mean = load_E.sum() / self.ep_size
-        target = 1.0 / (1.0 + cost) if cost > 0 else 0.995
-        plan = plan_replicas(load_E, self.ep_size, self.slots_per_rank, target_balancedness=min(target, 0.995))
-        placement = plan.placement(version=self.version + 1)
-        home_max = float(load_E.reshape(self.ep_size, -1).sum(axis=1).max())
-        gain = home_max - float(plan.rank_load.max())
-        if placement.num_replicas and gain <= cost * mean * placement.num_replicas:
-            placement = Placement.from_phy2log(self.home.phy2log_P, self.ep_size, self.home.experts_per_rank,
-                                               self.slots_per_rank, self.version + 1)
+        target = min(1.0 / (1.0 + cost), 0.995)
+        if self.predictor.source == HISTORY:
+            placement = plan_replicas(load_E, self.ep_size, self.slots_per_rank,
+                                      target_balancedness=target).placement(version=self.version + 1)
+        else:
+            placement = replan(load_E, self.active, target_balancedness=target,
+                               keep_balancedness=min(target, 0.98), version=self.version + 1)
+        if placement.num_replicas:
+            counts_1E = np.rint(load_E).astype(np.int64)[None]
+            C = placement.slots_per_rank_total
+            home_max = float(counts_1E.reshape(self.ep_size, -1).sum(axis=1).max())
+            plan_max = float(quotas(counts_1E, placement).reshape(self.ep_size, C).sum(axis=1).max())
+            if home_max - plan_max <= cost * load_E.sum() / self.ep_size * placement.num_replicas:
+                placement = self.home
         if np.array_equal(placement.phy2log_P, self.active.phy2log_P):
             return self.active
         self.version += 1
-        return placement
+        return Placement.from_phy2log(placement.phy2log_P, self.ep_size, self.home.experts_per_rank,
+                                      self.slots_per_rank, self.version)
 
     def offer(self, predicted_E: np.ndarray, grad: bool) -> Optional[Placement]:
         """This step's loads, predicted before the layer runs (AHEAD). Returns the placement whose

@@ -1,6 +1,6 @@
 """Slot assignment: each route's physical slot among its expert's copies, and its send row.
 
-Why: the split (``dispatch.transport``) says how many of this rank's routes go to each physical
+Why: the split (``split.transport``) says how many of this rank's routes go to each physical
 slot; routes to expert e, in route order, fill e's copies in ascending slot order. The PyTorch
 path finds each route's slot with an argsort, a bincount, a cumsum and a comparison against the
 copies' bounds, then stable-sorts by slot to get the send order: five launches and two sorts.

@@ -23,7 +23,6 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..dispatch import transport
 from ..kernels import HAS_TRITON
 from ..kernels import assign_slots as slots_mod
 from ..kernels import combine as combine_mod
@@ -31,6 +30,7 @@ from ..kernels import permute as permute_mod
 from ..kernels import topk_gating as gating_mod
 from ..kernels._launch import interpreting
 from ..planner import plan_replicas
+from ..split import transport
 
 __all__ = ["Inputs", "make_inputs", "time_ms", "cases", "run", "main"]
 

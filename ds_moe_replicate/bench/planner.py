@@ -6,7 +6,9 @@ For every (Zipf exponent, E, W, S) on the grid it draws expert loads (token coun
 Zipf distribution over a random expert order) and compares, side by side on the same loads:
 no replication (DeepSpeed's placement), an even split of each replicated expert among its copies
 (EPLB's sharing rule, on our placement), our planned shares, and the lower bound. Then it times a
-re-plan of 24 layers x 256 experts over 64 ranks with S = 2.
+re-plan of 24 layers x 256 experts over 64 ranks with S = 2. Last, the incremental re-plan of the
+every-step predictors (``replan``) against ``plan_replicas`` on sequences of loads whose hot
+experts change every 10 steps: balancedness under the run-time split, time, replicas moved.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import time
 import numpy as np
 import torch
 
+from ..placement import Placement
 from ..planner import balancedness, home_plan, max_rank_load_lower_bound, plan_replicas
+from ..replan import replan
+from ..split import quotas
 
 EXPONENTS = (0.8, 1.0, 1.2, 1.4, 1.6)
 EXPERTS = (8, 16, 32, 64, 128, 256)
@@ -78,6 +83,52 @@ def replan_ms(layers: int = 24, experts: int = 256, ranks: int = 64, slots: int 
     return times
 
 
+def _split_balancedness(tokens_E: np.ndarray, placement: Placement) -> float:
+    rank_W = quotas(tokens_E[None].astype(np.int64), placement).reshape(placement.ep_size, -1).sum(axis=1)
+    return float(rank_W.mean() / rank_W.max()) if rank_W.max() > 0 else 1.0
+
+
+def incremental(steps: int = 40, tokens_per_rank: int = 4096) -> list[dict]:
+    """``replan`` from the previous step's placement vs ``plan_replicas`` from scratch, per step."""
+    rows = []
+    for E, W, S in itertools.product((64, 256), (8, 64), (1, 2)):
+        rng = np.random.default_rng(E * 1000 + W * 10 + S)
+        p = 1.0 / np.arange(1, E + 1) ** 1.2
+        p /= p.sum()
+        prev_inc = prev_full = Placement.home(E, W, S)
+        for step in range(steps):
+            if step % 10 == 0:
+                perm = rng.permutation(E)
+            load = rng.multinomial(tokens_per_rank * W, p[perm]).astype(float)
+            t0 = time.perf_counter()
+            inc = replan(load, prev_inc)
+            t_inc = (time.perf_counter() - t0) * 1e6
+            t0 = time.perf_counter()
+            full = plan_replicas(load, W, S).placement(version=prev_full.version + 1)
+            t_full = (time.perf_counter() - t0) * 1e6
+            moved = [int(((new.phy2log_P != old.phy2log_P) & (new.phy2log_P >= 0)).sum())
+                     for new, old in ((inc, prev_inc), (full, prev_full))]
+            rows.append(dict(E=E, W=W, S=S, step=step, replan=_split_balancedness(load, inc),
+                             full=_split_balancedness(load, full), home=_split_balancedness(load, Placement.home(E, W, S)),
+                             replan_us=t_inc, full_us=t_full, replan_moved=moved[0], full_moved=moved[1]))
+            prev_inc, prev_full = inc, full
+    return rows
+
+
+def summarize_incremental(rows: list[dict]) -> str:
+    lines = ["| E | W | S | replan: balancedness (median / min) | plan_replicas: balancedness (median / min) | "
+             "replan µs (median) | plan_replicas µs (median) | replicas moved per step (replan / full) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for E, W, S in itertools.product((64, 256), (8, 64), (1, 2)):
+        sel = [r for r in rows if (r["E"], r["W"], r["S"]) == (E, W, S)]
+        med = lambda k: statistics.median(r[k] for r in sel)  # noqa: E731
+        lines.append(f"| {E} | {W} | {S} | {med('replan'):.4f} / {min(r['replan'] for r in sel):.4f} | "
+                     f"{med('full'):.4f} / {min(r['full'] for r in sel):.4f} | {med('replan_us'):.0f} | "
+                     f"{med('full_us'):.0f} | {np.mean([r['replan_moved'] for r in sel]):.1f} / "
+                     f"{np.mean([r['full_moved'] for r in sel]):.1f} |")
+    return "\n".join(lines)
+
+
 def summarize(rows: list[dict]) -> str:
     lines = ["| S | exponent | plans | none (median) | even split (median) | ours (median) | ours (min) | bound (median) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -108,9 +159,15 @@ def main(argv=None) -> int:
     times = replan_ms()
     print(f"re-plan 24 layers x 256 experts over 64 ranks, S=2: median {statistics.median(times):.2f} ms, "
           f"max {max(times):.2f} ms over {len(times)} runs")
+    inc = incremental()
+    worse_inc = sum(r["replan"] < r["home"] - 1e-12 for r in inc)
+    print("Incremental re-plan (every-step predictors), Zipf-1.2 loads whose hot experts change every 10 steps, "
+          "balancedness under the run-time split (split.quotas):")
+    print(summarize_incremental(inc))
+    print(f"re-plans worse than no replication: {worse_inc} of {len(inc)}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(rows=rows, replan_ms=times), fh, indent=1)
+            json.dump(dict(rows=rows, replan_ms=times, incremental=inc), fh, indent=1)
     return 0
 
 

@@ -7,10 +7,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from ds_moe_replicate.dispatch import capacity_transport, transport  # noqa: E402
 from ds_moe_replicate.gating import drop_over_capacity  # noqa: E402
 from ds_moe_replicate.kernels.assign_slots import assign_slots_torch  # noqa: E402
 from ds_moe_replicate.planner import plan_replicas  # noqa: E402
+from ds_moe_replicate.split import capacity_transport, transport  # noqa: E402
 
 
 def case(T, k, W, e_loc, S, rank, seed, capacity=None, drop=0.0):

@@ -1,0 +1,379 @@
+"""The per-step split: how many routes each rank sends to each physical slot.
+
+Runs on every rank, every step, every layer, on the critical path, from the gathered ``[W, E]``
+counts, so it must be cheap at W = 64, E = 256 and give every rank the same integers. Two halves:
+
+1. Quotas: each replicated expert's total is shared among its copies to minimise the largest
+   rank load. Integer coordinate descent (each expert water-filled over its copies' ranks given
+   every other load, as ``planner.split_loads`` does), but vectorised: the replicated experts are
+   grouped once per placement into classes whose copies share no rank, and a whole class is
+   filled in one set of array operations. An expert with one copy needs no arithmetic at all.
+2. Routes: each source rank's routes of an expert are matched to the copies' quotas: first to a
+   copy on the source rank itself (``prefer_local``), the rest by the north-west corner rule on
+   one flattened stream (experts in order, sources in rank order against copies in slot order),
+   which a single ``searchsorted`` resolves.
+
+Everything placement-derived (classes, gather indices) is computed once per placement and cached.
+``transport`` and ``quotas`` run the arithmetic compiled (``split_native``: the same steps in C,
+a few microseconds plus the dense result) where a C compiler is at hand; ``transport_numpy`` and
+``quotas_numpy`` are the NumPy twins (a few dozen array calls per class and round), used without
+a compiler and as the tests' oracle. All arithmetic is int64: the result does not depend on float
+rounding, so ranks on different machines, compiled or not, agree exactly.
+
+Legend: W ranks, E logical experts, E_loc = E / W, S replica slots per rank, C = E_loc + S slots
+per rank, P = W * C physical slots, X replicated experts (two copies or more), R copies of an
+expert at most, N routes matched by the north-west corner rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import numpy as np
+
+from . import split_native
+from .placement import Placement
+
+__all__ = ["transport", "transport_numpy", "capacity_transport", "quotas", "quotas_numpy"]
+
+# Coordinate-descent rounds over the classes, at most (a round that changes nothing ends the
+# descent). From even shares, three rounds beat the old heaviest-first split (two rounds from home
+# shares) on the mean and in all but a few draws of the Zipf benchmark; every round costs one pass
+# over the classes (docs/control_path.md).
+_ROUNDS = 3
+# Base load of the padding column of a short copy list: far above any real level, and R * _FAR
+# (the cumulative sum of a padded row) stays well inside int64.
+_FAR = np.int64(1) << np.int64(40)
+# Placements whose derived indices are kept (one per layer and a few in flight is plenty).
+_CACHE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class _Class:
+    """Replicated experts that share no rank, filled together. Copies run down the first axis
+    (R_c = the most copies in the class), experts along the second, so reductions over copies are
+    contiguous; padding points at the dummy slot P and the dummy rank W."""
+
+    expert_N: np.ndarray
+    slot_RN: np.ndarray
+    rank_RN: np.ndarray
+    m_R1: np.ndarray  # 1, 2, ..., R_c as a column
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Index arrays derived from one placement (read-only, shared by every call on it).
+
+    Attributes:
+        home_slot_E: home physical slot of each expert.
+        home_rank_E: home rank of each expert.
+        single_E: experts with one copy (their routes all go home).
+        rep_X: the replicated experts, in expert order.
+        slot_XR / rank_XR: their copies' slots and ranks in ascending slot order; padding points
+            at the dummy slot P and the dummy rank W.
+        valid_XR: real copies.
+        classes: the replicated experts coloured so that no two of a class share a rank; experts
+            with more copies are coloured first, so the hottest ones lead the first class.
+        local_XW: for each replicated expert and rank, the copy index (into R) held by that rank,
+            or -1.
+        loc_src / loc_dst: flat indices into [X, W] and [X, R] of every real copy (the source on
+            its own rank, and the copy), for the local matches of ``prefer_local``.
+        loc_rank / loc_slot: the rank and slot of those copies.
+        cls_rows / cls_start: the classes' rows into X, class after class, and where each starts
+            (what the compiled split reads).
+        native_args: the compiled split's layout arguments (sizes and addresses of the arrays
+            above, which live as long as the layout).
+    """
+
+    home_slot_E: np.ndarray
+    home_rank_E: np.ndarray
+    single_E: np.ndarray
+    rep_X: np.ndarray
+    slot_XR: np.ndarray
+    rank_XR: np.ndarray
+    valid_XR: np.ndarray
+    classes: Tuple[_Class, ...]
+    local_XW: np.ndarray
+    loc_src: np.ndarray
+    loc_dst: np.ndarray
+    loc_rank: np.ndarray
+    loc_slot: np.ndarray
+    cls_rows: np.ndarray
+    cls_start: np.ndarray
+    native_args: tuple = ()
+
+
+_cache: "OrderedDict[tuple, _Layout]" = OrderedDict()
+
+
+def _layout(placement: Placement) -> _Layout:
+    W, e_loc, C = placement.ep_size, placement.experts_per_rank, placement.slots_per_rank_total
+    key = (placement.phy2log_P.tobytes(), W, e_loc, C)
+    hit = _cache.get(key)
+    if hit is not None:
+        _cache.move_to_end(key)
+        return hit
+    E, P = W * e_loc, W * C
+    e = np.arange(E)
+    home_slot_E = (e // e_loc) * C + e % e_loc
+    copies_ER, cnt_E = placement.log2phy_ER, placement.logcnt_E
+    rep_X = np.nonzero(cnt_E > 1)[0].astype(np.int64)
+    R = int(cnt_E.max(initial=1))
+    sub = copies_ER[rep_X, :R]
+    valid = sub >= 0
+    slot_XR = np.ascontiguousarray(np.where(valid, sub, P), dtype=np.int64)
+    rank_XR = np.ascontiguousarray(np.where(valid, sub // C, W), dtype=np.int64)
+    # Greedy colouring, experts with more copies first: an expert joins the first class whose
+    # ranks it does not touch. Runs once per placement, so plain Python is fine here.
+    order = np.argsort(-cnt_E[rep_X], kind="stable")
+    taken: List[set] = []
+    members: List[List[int]] = []
+    for x in order.tolist():
+        ranks = set(rank_XR[x][valid[x]].tolist())
+        for c, used in enumerate(taken):
+            if not used & ranks:
+                used |= ranks
+                members[c].append(x)
+                break
+        else:
+            taken.append(set(ranks))
+            members.append([x])
+    classes = []
+    rows_of = [np.array(sorted(m), dtype=np.int64) for m in members]
+    for rows in rows_of:
+        r_c = int(valid[rows].sum(axis=1).max())
+        classes.append(_Class(rep_X[rows], np.ascontiguousarray(slot_XR[rows, :r_c].T),
+                              np.ascontiguousarray(rank_XR[rows, :r_c].T), np.arange(1, r_c + 1)[:, None]))
+    local_XW = np.full((rep_X.size, W + 1), -1, dtype=np.int64)
+    xi, ri = np.nonzero(valid)
+    local_XW[xi, rank_XR[xi, ri]] = ri
+    loc_rank = rank_XR[xi, ri]
+    out = _Layout(home_slot_E, e // e_loc, np.nonzero(cnt_E <= 1)[0], rep_X, slot_XR, rank_XR, valid,
+                  tuple(classes), local_XW[:, :W], xi * W + loc_rank, xi * R + ri, loc_rank, slot_XR[xi, ri],
+                  np.concatenate(rows_of + [np.zeros(0, dtype=np.int64)]),
+                  np.cumsum([0] + [r.size for r in rows_of]).astype(np.int64))
+    arrays = [out.home_slot_E, out.home_rank_E, out.single_E, out.rep_X, out.slot_XR, out.rank_XR, out.valid_XR,
+              out.local_XW, out.loc_src, out.loc_dst, out.loc_rank, out.loc_slot, out.cls_rows, out.cls_start]
+    for c in out.classes:
+        arrays += [c.expert_N, c.slot_RN, c.rank_RN, c.m_R1]
+    for arr in arrays:
+        arr.setflags(write=False)
+    X = rep_X.size
+    out = dataclasses.replace(out, native_args=(X, R, rep_X.ctypes.data, slot_XR.ctypes.data, rank_XR.ctypes.data,
+                                                out.cls_rows.ctypes.data, out.cls_start.ctypes.data, len(classes)))
+    _cache[key] = out
+    if len(_cache) > _CACHE_SIZE:
+        _cache.popitem(last=False)
+    return out
+
+
+def _quotas(total_E: np.ndarray, lay: _Layout, W: int, P: int) -> np.ndarray:
+    """int64 [P + 1] tokens each physical slot computes (the last entry is the dummy slot, 0).
+
+    Integer coordinate descent over the classes, ``_ROUNDS`` rounds from even shares.
+    """
+    tot_X = total_E[lay.rep_X]
+    home_W = total_E.reshape(W, -1).sum(axis=1)
+    quota_P = np.zeros(P + 1, dtype=np.int64)
+    quota_P[lay.home_slot_E[lay.single_E]] = total_E[lay.single_E]
+    # Start from even shares (the first copy takes the rounding rest): starting from home shares
+    # instead, the first experts filled see the other hot experts still at home and avoid their
+    # ranks, and coordinate descent needs several more rounds to undo that.
+    ncop_X = lay.valid_XR.sum(axis=1)
+    even_XR = np.where(lay.valid_XR, (tot_X // ncop_X)[:, None], 0)
+    even_XR[:, 0] += tot_X - even_XR.sum(axis=1)
+    quota_P[lay.slot_XR] = even_XR
+    quota_P[P] = 0
+    moved = np.bincount(lay.rank_XR.reshape(-1), even_XR.reshape(-1), W + 1) \
+        - np.bincount(lay.home_rank_E[lay.rep_X], tot_X, W + 1)
+    load_W = np.append(home_W, 0) + moved.astype(np.int64)  # exact: token counts are far below 2**53
+    load_W[W] = _FAR
+    for _ in range(_ROUNDS):
+        before = quota_P.copy()
+        for c in lay.classes:
+            tot = total_E[c.expert_N]
+            base = load_W[c.rank_RN] - quota_P[c.slot_RN]
+            # Integer water level: the largest L with sum_c max(0, L - base_c) <= total. It is
+            # floor(min over m of (total + m lowest bases) / m); floor commutes with the min.
+            level = ((tot + np.sort(base, axis=0).cumsum(axis=0)) // c.m_R1).min(axis=0)
+            new = np.maximum(level - base, 0)
+            # The rest (fewer tokens than copies at the level) goes one each to the copies at the
+            # level, in slot order: the integer optimum for these experts given every other load.
+            at = base <= level
+            new += at & (at.cumsum(axis=0) <= tot - new.sum(axis=0))
+            quota_P[c.slot_RN] = new
+            load_W[c.rank_RN] = base + new
+        if np.array_equal(before, quota_P):
+            break  # a fixed point: further rounds would change nothing
+    quota_P[P] = 0
+    if load_W[:W].max() > home_W.max():
+        # NOTE: descent from even shares is not anchored to the home placement; keep the
+        # guarantee that replication never makes the largest rank load worse than no replication.
+        quota_P[lay.slot_XR] = 0
+        quota_P[lay.home_slot_E[lay.rep_X]] = tot_X
+        quota_P[P] = 0
+    return quota_P
+
+
+def _check_counts(counts_WE: np.ndarray, placement: Placement, any_rows: bool = False) -> None:
+    W, E = placement.ep_size, placement.num_experts
+    if counts_WE.ndim != 2 or counts_WE.shape[1] != E or not (any_rows or counts_WE.shape[0] == W):
+        want = f"[rows, E={E}]" if any_rows else f"[W={W}, E={E}]"
+        raise ValueError(f"counts_WE must have shape {want} for this placement, got {tuple(counts_WE.shape)}")
+
+
+def quotas(counts_WE: np.ndarray, placement: Placement) -> np.ndarray:
+    """Tokens each physical slot computes under the split (the column sums of ``transport``).
+
+    Args:
+        counts_WE: int64 [W, E] routes per source rank and logical expert (any number of rows:
+            only their sum over rows matters, e.g. [1, E] loads).
+        placement: the active placement.
+
+    Returns:
+        int64 [P] tokens per physical slot; each expert's copies add up to its total.
+    """
+    W, P = placement.ep_size, placement.phy2log_P.size
+    counts_WE = np.asarray(counts_WE)
+    _check_counts(counts_WE, placement, any_rows=True)
+    lay = _layout(placement)
+    quota_P = np.empty(P, dtype=np.int64)
+    if split_native.split_into(counts_WE, lay, W, placement.slots_per_rank_total, placement.experts_per_rank,
+                               _ROUNDS, False, np.empty((counts_WE.shape[0], P), dtype=np.int64), quota_P):
+        return quota_P
+    return quotas_numpy(counts_WE, placement)
+
+
+def quotas_numpy(counts_WE: np.ndarray, placement: Placement) -> np.ndarray:
+    """``quotas`` in NumPy: the twin of the compiled split, and its test oracle."""
+    P = placement.phy2log_P.size
+    total_E = np.asarray(counts_WE, dtype=np.int64).sum(axis=0)
+    return _quotas(total_E, _layout(placement), placement.ep_size, P)[:P]
+
+
+def transport(counts_WE: np.ndarray, placement: Placement, prefer_local: bool = True) -> np.ndarray:
+    """Dropless split: how many routes each rank sends to each physical slot.
+
+    Each expert's total is shared among its copies to minimise the largest rank load (integer
+    coordinate descent, see the module docstring); then each source rank's routes are matched to
+    copies: first to a copy on the source rank itself (``prefer_local``), the rest in rank order
+    to the copies in slot order (north-west corner rule). Deterministic from the gathered counts.
+    Runs compiled (``split_native``) where a C compiler is at hand, else ``transport_numpy``;
+    both give the same integers.
+
+    Args:
+        counts_WE: int64 [W, E] routes per source rank and logical expert (same on all ranks).
+        placement: the active placement.
+        prefer_local: keep a rank's routes on its own copy where it has one.
+
+    Returns:
+        int64 [W, P] routes from each source rank to each physical slot.
+    """
+    W, P = placement.ep_size, placement.phy2log_P.size
+    _check_counts(counts_WE, placement)
+    lay = _layout(placement)
+    send_WP = np.empty((W, P), dtype=np.int64)
+    if split_native.split_into(counts_WE, lay, W, placement.slots_per_rank_total, placement.experts_per_rank,
+                               _ROUNDS, prefer_local, send_WP, np.empty(P, dtype=np.int64)):
+        return send_WP
+    return transport_numpy(counts_WE, placement, prefer_local)
+
+
+def transport_numpy(counts_WE: np.ndarray, placement: Placement, prefer_local: bool = True) -> np.ndarray:
+    """``transport`` in NumPy: the twin of the compiled split, and its test oracle.
+
+    Args:
+        counts_WE: int64 [W, E] routes per source rank and logical expert (same on all ranks).
+        placement: the active placement.
+        prefer_local: keep a rank's routes on its own copy where it has one.
+
+    Returns:
+        int64 [W, P] routes from each source rank to each physical slot.
+    """
+    W = counts_WE.shape[0]
+    P = placement.phy2log_P.size
+    lay = _layout(placement)
+    counts_WE = counts_WE.astype(np.int64, copy=False)
+    total_E = counts_WE.sum(axis=0)
+    C = placement.slots_per_rank_total
+    send_WP = np.zeros((W, P + 1), dtype=np.int64)
+    # Every route home first (one strided copy into the home slots of every rank), then the
+    # replicated experts' home columns are cleared and filled by the matching below.
+    send_WP[:, :P].reshape(W, W, C)[:, :, :placement.experts_per_rank] = counts_WE.reshape(W, W, -1)
+    if lay.rep_X.size == 0:
+        return send_WP[:, :P]
+    send_WP[:, lay.home_slot_E[lay.rep_X]] = 0
+    quota_XR = _quotas(total_E, lay, W, P)[lay.slot_XR]
+    rest_XW = counts_WE.T[lay.rep_X]
+    if prefer_local:
+        take = np.minimum(rest_XW.reshape(-1)[lay.loc_src], quota_XR.reshape(-1)[lay.loc_dst])
+        send_WP[lay.loc_rank, lay.loc_slot] = take
+        rest_XW.reshape(-1)[lay.loc_src] -= take
+        quota_XR.reshape(-1)[lay.loc_dst] -= take
+    # North-west corner on one stream: sources (expert-major, rank order) against copies
+    # (expert-major, slot order). Each expert's sources and copies hold the same number of
+    # routes, so expert boundaries line up in both cumulative sums and no piece crosses experts.
+    src_end = np.cumsum(rest_XW.reshape(-1))
+    dst_end = np.cumsum(quota_XR.reshape(-1))
+    # Merge the two sorted lists of interval ends (a copy's end before an equal source end): the
+    # piece of the stream ending at a merged point belongs to the source and the copy whose
+    # intervals contain it, i.e. the number of source (copy) ends merged before it.
+    n_s, n_d = src_end.size, dst_end.size
+    at_d = np.searchsorted(src_end, dst_end, side="left") + np.arange(n_d)
+    is_d = np.zeros(n_s + n_d, dtype=bool)
+    is_d[at_d] = True
+    ends = np.empty(n_s + n_d, dtype=np.int64)
+    ends[at_d] = dst_end
+    ends[~is_d] = src_end
+    amount = ends - np.concatenate(([0], ends[:-1]))
+    dst = np.cumsum(is_d) - is_d
+    src = np.arange(n_s + n_d) - dst
+    keep = amount > 0
+    # NOTE: every (source, copy) pair appears at most once in the stream, and the local matches
+    # above are separate entries, so adding in place is exact.
+    send_WP[src[keep] % W, lay.slot_XR.reshape(-1)[dst[keep]]] += amount[keep]
+    return send_WP[:, :P]
+
+
+def capacity_transport(counts_WE: np.ndarray, capacity_W: np.ndarray, placement: Placement,
+                       prefer_local: bool = True) -> np.ndarray:
+    """Capacity split: every physical slot takes at most ``capacity_W[w]`` routes from rank w.
+
+    DeepSpeed's capacity-factor semantics, per physical slot instead of per expert: an expert
+    with c copies accepts up to c * capacity routes from each rank, so a replicated hot expert
+    drops fewer tokens. A rank fills its local copy first (``prefer_local``), then the others in
+    slot order; since every copy takes the same capacity from one source, the j-th copy in that
+    order takes clip(routes - j * capacity, 0, capacity).
+
+    Args:
+        counts_WE: int64 [W, E] routes per source rank and expert. capacity_W: int64 [W].
+        placement: the active placement. prefer_local: fill a copy on the source rank first.
+
+    Returns:
+        int64 [W, P] routes kept from each source rank for each physical slot.
+    """
+    W = counts_WE.shape[0]
+    P = placement.phy2log_P.size
+    lay = _layout(placement)
+    counts_WE = counts_WE.astype(np.int64, copy=False)
+    cap_W = np.asarray(capacity_W, dtype=np.int64)
+    send_WP = np.zeros((W, P + 1), dtype=np.int64)
+    send_WP[:, lay.home_slot_E[lay.single_E]] = np.minimum(counts_WE[:, lay.single_E], cap_W[:, None])
+    if lay.rep_X.size == 0:
+        return send_WP[:, :P]
+    X, R = lay.slot_XR.shape
+    # Position of copy r in source w's fill order: the local copy first, then the others in slot
+    # order (a copy before the local one moves one place back).
+    r_R = np.arange(R)
+    loc_WX = lay.local_XW.T if prefer_local else np.full((W, X), -1, dtype=np.int64)
+    has = loc_WX[:, :, None] >= 0
+    pos_WXR = np.where(has & (r_R < loc_WX[:, :, None]), r_R + 1, r_R)
+    pos_WXR = np.where(has & (r_R == loc_WX[:, :, None]), 0, pos_WXR)
+    take = counts_WE[:, lay.rep_X][:, :, None] - pos_WXR * cap_W[:, None, None]
+    take = np.clip(take, 0, cap_W[:, None, None]) * lay.valid_XR
+    w, x, r = np.nonzero(take)
+    send_WP[w, lay.slot_XR[x, r]] = take[w, x, r]
+    return send_WP[:, :P]
