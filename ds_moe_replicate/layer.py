@@ -342,6 +342,10 @@ class ReplicatedMOELayer(MOELayer):
         # fails here (the failure is raised on every rank at the combine), so that every rank
         # still splits over the same placement and the exchanges keep their agreed sizes.
         landed = bool(g.landed_W.all())
+        if grad and self.policy.pending is not None:
+            # Copies prefetched by earlier steps without gradients: finish them (every rank has
+            # them in flight), so the store is idle; this step's copies travel with it.
+            store, landed = self.store, True
         if store is not None and store.in_flight and landed:
             try:
                 step.waited_ms += store.land()

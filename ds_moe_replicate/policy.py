@@ -157,7 +157,8 @@ class ReplicationPolicy:
         offered, self._offered = self._offered, None
         src = self.source
         if grad:
-            self.pending = None
+            if self.pending is not None and landed:
+                self.land_pending()
             load = {NOW: counts_E, AHEAD: offered}.get(src)
             if load is None and src == HISTORY and self.step % self.config.replan_interval == 0:
                 load = self.predictor.predict()

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from ds_moe_replicate import configure_replication
 from ds_moe_replicate.comm import ReplicationError
+from ds_moe_replicate.runtime import collective_device
 from ds_moe_replicate.testing import build_pair, steer
 
 H = 16
@@ -34,15 +35,14 @@ class CaseResult:
 
 
 def _skewed(layer, rank: int, step: int, tokens: int = 48, hot: int = 1) -> torch.Tensor:
-    gate = layer.deepspeed_moe.gate.wg.weight.detach().float()
-    return steer(tokens, H, gate, hot, 0.7, seed=100 * rank + step)
+    gate = layer.deepspeed_moe.gate.wg.weight.detach().float().cpu()
+    return steer(tokens, H, gate, hot, 0.7, seed=100 * rank + step).to(layer.deepspeed_moe.gate.wg.weight.device)
 
 
 def _pair(rank: int, slots: int = 1, predictor: str = "ema", **replication):
     W = dist.get_world_size()
     cfg = {"enabled": True, "slots_per_rank": slots, "replan_interval": 1, "predictor": predictor, **replication}
-    stock, rep = build_pair(hidden=H, num_experts=2 * W, ep_size=W, k=1, replication=cfg)
-    return stock, rep
+    return build_pair(hidden=H, num_experts=2 * W, ep_size=W, k=1, replication=cfg, device=collective_device())
 
 
 def _compare(stock, rep, rank: int, step: int, res: CaseResult) -> None:
@@ -269,8 +269,28 @@ def collectives_on_their_device(rank: int) -> DeviceRuleResult:
             inner = rep.deepspeed_moe
             inner.install(inner.policy.plan(np.arange(inner.num_experts, dtype=float) + 1, grad=False))
             timed(lambda: None)
-            _all_reduce(torch.ones(2))
+            _all_reduce(torch.ones(2, device=collective_device()))
         res.calls = dict(calls)
     except AssertionError as err:
         res.error = str(err)
+    return res
+
+
+def training_exact(rank: int, steps: int = 4) -> CaseResult:
+    """Inference with replicas moving, then training steps with copies that travel and gradients
+    that return: outputs and gradients equal stock (on the collective's device: CUDA under NCCL)."""
+    res = CaseResult()
+    stock, rep = _pair(rank)
+    _warm(stock, rep, rank, res, steps=4)
+    for model in (stock, rep):
+        model.train()
+    for step in range(steps):
+        x = _skewed(stock, rank, 30 + step)
+        stock.zero_grad()
+        rep.zero_grad()
+        (stock(x)[0] ** 2).mean().backward()
+        (rep(x)[0] ** 2).mean().backward()
+        res.replicas.append(rep.last_stats.num_replicas)
+        res.grad_diff = max(res.grad_diff, max(((p.grad - q.grad).abs().max() / p.grad.abs().max().clamp_min(1e-12))
+                                               .item() for p, q in zip(stock.parameters(), rep.parameters())))
     return res

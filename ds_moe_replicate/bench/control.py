@@ -62,9 +62,11 @@ DEFINITIONS = {
                 "+ global sum",
     "split_us": "split.transport per step, history loop (placement changes every replan_interval steps)",
     "split_every_step_us": "split.transport per step, every-step loop (placement from replan, often new)",
-    "plan_us": "ReplicationPolicy.decide of the oracle per step (replan from the active placement, the cost check, activation, plan_transfers): every-step predictors, on the critical path",
+    "plan_us": "ReplicationPolicy.decide of the oracle per step (replan from the active placement, the cost "
+               "check, activation, plan_transfers): every-step predictors, on the critical path",
     "plan_full_us": "plan_replicas from scratch + placement + plan_transfers per call, every-step loop (for comparison)",
-    "plan_history_us": "ReplicationPolicy.close at a re-plan (plan_replicas + cost check) + plan_transfers, history loop (after the step's experts ran)",
+    "plan_history_us": "ReplicationPolicy.close at a re-plan (plan_replicas + cost check) + plan_transfers, "
+                       "history loop (after the step's experts ran)",
     "plan_history_amortised_us": "plan_history_us / replan_interval",
     "stats_us": "hooks.step_stats: rank tokens, balancedness, dropped tokens, prediction L1 / hot recall",
     "total_us": "median per step of count + replan + split + stats, every-step loop (lookahead/oracle)",

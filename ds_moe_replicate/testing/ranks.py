@@ -31,7 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results) -> None:
+def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, backend: str = "gloo") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size), OMP_NUM_THREADS="1")
     try:
@@ -44,21 +44,24 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, res
         # NOTE: DeepSpeed's CPU shared-memory all-reduce leaves a 69 MB file per rank and port in
         # /dev/shm (RAM) that nothing removes; the tests do not need it, so it is not loaded.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         results.put((rank, True, fn(rank, *args)))
     except BaseException:  # noqa: BLE001 - the traceback goes to the parent
         results.put((rank, False, traceback.format_exc()))
 
 
-def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 240.0) -> List[Any]:
-    """Call ``fn(rank, *args)`` on ``world_size`` gloo ranks; return results in rank order.
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 240.0, backend: str = "gloo") -> List[Any]:
+    """Call ``fn(rank, *args)`` on ``world_size`` ranks (gloo; ``backend="nccl"`` puts rank r on
+    CUDA device r); return results in rank order.
 
     ``fn`` must be importable (a module-level function); results must be picklable.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, results), daemon=True)
+    procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, results, backend), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
