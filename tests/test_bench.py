@@ -14,8 +14,10 @@ from torch import nn
 
 import bench_workers
 from ds_moe_replicate.bench import bench, costmodel, emulate
+from ds_moe_replicate.bench.driven import DrivenLayer
 from ds_moe_replicate.bench.traces import Trace, TraceRecorder, counts_from_router_logits, load_trace, save_trace
 from ds_moe_replicate.bench.workloads import Workload, assign, zipf_shares
+from ds_moe_replicate.predictor import EmaPredictor, OraclePredictor
 from ds_moe_replicate.testing import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,6 +162,22 @@ def test_costmodel_cli_prints_projections(tmp_path, capsys):
     assert costmodel.main(["--trace", path, "--hardware", "H100", "--models", "switch-base-128"]) == 0
     out = capsys.readouterr().out
     assert "trace replayed as recorded" in out and "| switch-base-128 | H100 | 8 |" in out
+
+
+def test_driven_policy_serves_history_plans_a_step_later_and_the_oracle_waits():
+    """The benchmarks drive the layer's own policy: a history plan made at a step's close serves
+    from the next step (its copies land meanwhile); the oracle plans this step and waits."""
+    counts = np.array([100, 0, 0, 0, 10, 10, 10, 10], dtype=float)  # E = 8 on W = 4
+    ema = DrivenLayer(costmodel.replication_config(1, EmaPredictor, replan_interval=1), 8, 4, bytes_per_replica=10)
+    first = ema.step_forward(counts)
+    assert first.placement.num_replicas == 0 and first.bytes_moved > 0 and not first.waited_W.any()
+    second = ema.step_forward(counts)
+    assert second.decision.activated and second.placement.num_replicas > 0 and not second.waited_W.any()
+    assert ema.store.valid(second.placement).all()
+    oracle = DrivenLayer(costmodel.replication_config(1, OraclePredictor), 8, 4)
+    step = oracle.step_forward(counts)
+    assert step.placement.num_replicas > 0 and step.waited_W.sum() == step.placement.num_replicas
+    assert not oracle.step_forward(counts).waited_W.any()  # same plan: nothing moves again
 
 
 # ---------------------------------------------------------------------------- emulation

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..planner import home_balancedness
 from .common import (
     build_pair,
     device_for_rank,
     init_distributed,
     markdown_table,
     median,
-    rank_balance,
     report,
     share_for_hottest,
     steer,
@@ -83,7 +83,7 @@ def bench_layer(hidden: int, ffn: int, num_experts: int, tokens: int, k: int, wo
                 s = rep.last_stats
                 diff = max(diff, float((out["stock"] - out["ours"]).abs().max()))
                 if i >= warmup:
-                    stock_bal.append(rank_balance(s.counts_E, W))
+                    stock_bal.append(home_balancedness(s.counts_E, W))
                     ours_bal.append(s.balancedness)
                     waits.append(s.exposed_wait_ms)
                 counts = s.counts_E

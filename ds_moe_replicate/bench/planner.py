@@ -15,12 +15,12 @@ import argparse
 import itertools
 import json
 import statistics
-import time
 
 import numpy as np
 import torch
 
 from ..planner import balancedness, home_plan, max_rank_load_lower_bound, plan_replicas
+from ..runtime import timed
 
 EXPONENTS = (0.8, 1.0, 1.2, 1.4, 1.6)
 EXPERTS = (8, 16, 32, 64, 128, 256)
@@ -70,12 +70,7 @@ def replan_ms(layers: int = 24, experts: int = 256, ranks: int = 64, slots: int 
     rng = np.random.default_rng(0)
     load = torch.from_numpy(zipf_load(experts, 1.2, 4096 * ranks, rng, layers=layers))
     plan_replicas(load, ranks, slots)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        plan_replicas(load, ranks, slots)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    return [timed(lambda: plan_replicas(load, ranks, slots))[1] for _ in range(repeats)]
 
 
 def summarize(rows: list[dict]) -> str:
