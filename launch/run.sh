@@ -18,7 +18,11 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating virtualenv $venv" >&2
   "$py" -m venv "$venv"
 fi
-if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+# NOTE: a virtualenv named by DS_MOE_VENV is the caller's (it may serve several checkouts):
+# install into it only if the package is missing there, never re-point it at this checkout.
+if [ -n "${DS_MOE_VENV:-}" ] && "$venv/bin/python" -c "import ds_moe_replicate" 2>/dev/null; then
+  :
+elif [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "[setup] installing ds_moe_replicate with all extras into $venv (first run takes a few minutes)" >&2
   "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
   if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then

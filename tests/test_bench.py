@@ -125,14 +125,12 @@ def test_recorder_hooks_transformers_routers_and_closes_batches():
 
 
 def test_recorded_counts_match_across_stock_and_replicated_on_two_ranks():
-
-
-    res = run_ranks(bench_workers.record_traces, 2, 3, 2, 4)
-    stock_sum = res[0][0] + res[1][0]  # stock records this rank's counts
+    r0, r1 = run_ranks(bench_workers.record_traces, 2, 3, 2, 4)
+    stock_sum = r0.stock_BLE + r1.stock_BLE  # stock records this rank's counts
     assert stock_sum.shape == (3, 2, 4)
-    assert np.array_equal(res[0][1], stock_sum) and np.array_equal(res[1][1], stock_sum)
+    assert np.array_equal(r0.replicated_BLE, stock_sum) and np.array_equal(r1.replicated_BLE, stock_sum)
     # The steered tokens route as the workload asked (so benchmarks control skew through the real gate).
-    assert np.array_equal(stock_sum, res[0][2] + res[1][2])
+    assert np.array_equal(stock_sum, r0.steered_BLE + r1.steered_BLE)
 
 
 # ---------------------------------------------------------------------------- cost model
@@ -204,8 +202,6 @@ def test_modes_are_checked_by_name():
 
 
 def test_benchmark_on_two_ranks_writes_json_trace_and_plots(tmp_path):
-
-
     out = str(tmp_path / "b")
     argv = ["--deepspeed_config", str(ROOT / "configs" / "demo.json"), "--out", out, "--layers", "2",
             "--hidden", "32", "--ffn", "64", "--tokens", "128", "--warmup", "2", "--steps", "2", "--zipf", "1.5"]
