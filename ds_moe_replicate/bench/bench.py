@@ -37,13 +37,17 @@ from ..config import ReplicationConfig
 from ..gating import capacity_per_expert
 from ..layer import configure_replication
 from ..planner import home_balancedness, plan_replicas
+from ..predictor import NOW, PREDICTORS, EmaPredictor, OraclePredictor, name_of
 from .common import device_for_rank, init_distributed, median, timed
 from .stack import build_stack
 from .traces import Trace, load_trace, save_trace
 from .workloads import KINDS, Workload, assign, steer_tokens
 
-BASE_MODES = ("stock", "stock_capacity", "no_replication", "static_history", "oracle")
-PREDICTORS = ("ema", "window", "lookahead")
+ORACLE = name_of(OraclePredictor)  # the oracle mode carries its predictor's name
+BASE_MODES = ("stock", "stock_capacity", "no_replication", "static_history", ORACLE)
+# The benchmark stack feeds hidden states: every registered predictor but those that need a file
+# (they read token ids); the oracle is a mode of its own.
+PREDICTOR_MODES = tuple(n for n, c in PREDICTORS.items() if c.source != NOW and not c.needs_file)
 NEVER = 10 ** 9  # replan_interval of the static plan: the layer never re-plans on its own
 
 
@@ -52,9 +56,9 @@ def mode_config(mode: str, base: Dict) -> Dict:
     if mode == "no_replication":
         return dict(base, enabled=True, slots_per_rank=0)
     if mode == "static_history":
-        return dict(base, enabled=True, predictor="ema", replan_interval=NEVER)
-    if mode == "oracle":
-        return dict(base, enabled=True, predictor="oracle")
+        return dict(base, enabled=True, predictor=name_of(EmaPredictor), replan_interval=NEVER)
+    if mode == ORACLE:
+        return dict(base, enabled=True, predictor=name_of(OraclePredictor))
     if mode.startswith("predictive:"):
         return dict(base, enabled=True, predictor=mode.split(":", 1)[1])
     raise ValueError(mode)
@@ -63,10 +67,10 @@ def mode_config(mode: str, base: Dict) -> Dict:
 def parse_modes(text: str, default_predictor: str) -> List[str]:
     modes = [m.strip() for m in text.replace("<config>", default_predictor).split(",") if m.strip()]
     for m in modes:
-        ok = m in BASE_MODES or (m.startswith("predictive:") and m.split(":", 1)[1] in PREDICTORS)
+        ok = m in BASE_MODES or (m.startswith("predictive:") and m.split(":", 1)[1] in PREDICTOR_MODES)
         if not ok:
             raise ValueError(f"--modes: unknown mode {m!r}; choose from {list(BASE_MODES)} and "
-                             f"predictive:<one of {list(PREDICTORS)}> (the benchmark stack feeds hidden states, "
+                             f"predictive:<one of {list(PREDICTOR_MODES)}> (the benchmark stack feeds hidden states, "
                              "so 'learned', which reads token ids, is not offered)")
     if len(set(modes)) != len(modes):
         raise ValueError(f"--modes: a mode is listed twice in {modes}")
@@ -301,7 +305,7 @@ def main(argv=None) -> int:
         ReplicationConfig(enabled=True, slots_per_rank=1, replan_interval=4)
     base = dict(cfg.model_dump(), enabled=True)
     try:
-        modes = parse_modes(args.modes, cfg.predictor if cfg.predictor in PREDICTORS else "ema")
+        modes = parse_modes(args.modes, cfg.predictor if cfg.predictor in PREDICTOR_MODES else name_of(EmaPredictor))
     except ValueError as err:
         ap.error(str(err))
     trace = None

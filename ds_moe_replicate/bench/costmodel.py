@@ -42,6 +42,8 @@ from ..policy import ReplicationPolicy
 from ..predictor import EmaPredictor, OraclePredictor, name_of
 from .driven import DrivenLayer
 
+ORACLE = name_of(OraclePredictor)  # mode name: the predictor's
+
 __all__ = ["Hardware", "ModelShape", "HARDWARE", "MODELS", "layer_ms", "simulate", "project", "fit_zipf_exponent",
            "replication_config"]
 
@@ -181,7 +183,7 @@ def simulate(counts_BLWE: np.ndarray, m: ModelShape, hw: Hardware, slots_per_ran
     ema_cfg = replication_config(slots_per_rank, EmaPredictor, **fields)
     oracle_cfg = replication_config(slots_per_rank, OraclePredictor, **fields)
     out = {k: np.zeros((B, L)) for k in ("stock", "stock_capacity", "no_replication", "static_history",
-                                         "predictive:ema", "oracle")}
+                                         "predictive:ema", ORACLE)}
     home = Placement.home(E, W, slots_per_rank)
     static = [ReplicationPolicy(ema_cfg, E, W).plan(glob_BLE[:history, j].mean(axis=0), grad=False)
               for j in range(L)]
@@ -197,7 +199,7 @@ def simulate(counts_BLWE: np.ndarray, m: ModelShape, hw: Hardware, slots_per_ran
                 out[name][b, j] = layer_ms("ours", counts_WE, m, hw, _slot_rows(glob_E, placement))
             step = oracle[j].step_forward(glob_E)
             moved = expert_bytes * float(step.waited_W.max())
-            out["oracle"][b, j] = layer_ms("ours", counts_WE, m, hw, _slot_rows(glob_E, step.placement), moved)
+            out[ORACLE][b, j] = layer_ms("ours", counts_WE, m, hw, _slot_rows(glob_E, step.placement), moved)
     return out
 
 
@@ -303,7 +305,7 @@ def projection_table(rows: List[Dict]) -> str:
     for r in rows:
         out.append(f"| {r['name']} | {r['hardware']['name']} | {r['model']['ep']} | "
                    + " | ".join(f"{r['ms_per_layer'][k]:.3f}" for k in modes)
-                   + f" | {r['speedup_vs_stock']['predictive:ema']:.2f}x | {r['speedup_vs_stock']['oracle']:.2f}x |")
+                   + f" | {r['speedup_vs_stock']['predictive:ema']:.2f}x | {r['speedup_vs_stock'][ORACLE]:.2f}x |")
     return "\n".join(out)
 
 

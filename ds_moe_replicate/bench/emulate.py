@@ -30,13 +30,13 @@ from ..planner import balancedness, home_balancedness, split_loads
 from ..predictor import EmaPredictor, OraclePredictor
 from ..runtime import median, timed
 from .common import expert_mlp
-from .costmodel import Hardware, ModelShape, _a2a_s, replication_config
+from .costmodel import ORACLE, Hardware, ModelShape, _a2a_s, replication_config
 from .driven import DrivenLayer
 from .workloads import zipf_shares
 
 __all__ = ["ExpertTimer", "emulate", "zipf_counts"]
 
-MODES = ("stock", "no_replication", "predictive:ema", "oracle")
+MODES = ("stock", "no_replication", "predictive:ema", ORACLE)
 
 
 class ExpertTimer:
@@ -100,7 +100,7 @@ def emulate(counts_BLE: np.ndarray, W: int, S: int, timer: ExpertTimer, link: Ha
     fields = dict(ema_decay=ema_decay, replan_interval=replan_interval)
     home = Placement.home(E, W, S)
     driven = {"predictive:ema": [DrivenLayer(replication_config(S, EmaPredictor, **fields), E, W) for _ in range(L)],
-              "oracle": [DrivenLayer(replication_config(S, OraclePredictor, **fields), E, W) for _ in range(L)]}
+              ORACLE: [DrivenLayer(replication_config(S, OraclePredictor, **fields), E, W) for _ in range(L)]}
     for b in range(B):
         for j in range(L):
             counts_E = counts_BLE[b, j]
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
             ap.error(f"--ranks: W={W} does not divide E={counts.shape[2]}")
         r, run_ms = timed(lambda: emulate(counts, W, args.slots, timer, link, tokens_per_rank=args.tokens_per_rank))
         print(f"| {W} | {counts.shape[2]} | " + " | ".join(f"{r[k]['ms_per_layer']:.2f}" for k in MODES)
-              + f" | {r['predictive:ema']['speedup_vs_stock']:.2f}x | {r['oracle']['speedup_vs_stock']:.2f}x | "
+              + f" | {r['predictive:ema']['speedup_vs_stock']:.2f}x | {r[ORACLE]['speedup_vs_stock']:.2f}x | "
               f"{r['stock']['balancedness']:.2f} | {r['predictive:ema']['balancedness']:.2f} |", flush=True)
         rows.append(dict(W=W, experts=int(counts.shape[2]), seconds=run_ms / 1e3, modes=r))
     if args.json:
