@@ -14,7 +14,7 @@ from typing import Any, Literal, Mapping, Optional, Union
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
-from .predictor import PREDICTORS
+from .predictor import PREDICTORS, EmaPredictor, name_of
 
 SECTION = "moe_replication"
 
@@ -42,7 +42,7 @@ class ReplicationConfig(DeepSpeedConfigModel):
     """Forward steps between re-plans. At a re-plan the predicted loads give a new placement,
     whose replica weights are prefetched and become active at the next step."""
 
-    predictor: str = "ema"
+    predictor: str = name_of(EmaPredictor)
     """Load predictor behind the plan: ``"ema"`` (exponential moving average of the gathered
     expert counts), ``"window"`` (mean over the last ``window`` steps), ``"lookahead"`` (this
     batch's loads, predicted one layer ahead by applying the layer's gate to the previous layer's

@@ -15,6 +15,8 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from .predictor import EmaPredictor, name_of
+
 __all__ = ["StepStats", "StatsHooks", "RemovableHandle", "prediction_quality", "step_stats"]
 
 
@@ -59,7 +61,7 @@ class StepStats:
     bytes_moved: int = 0
     bytes_received: int = 0
     exposed_wait_ms: float = 0.0
-    predictor: str = "ema"
+    predictor: str = name_of(EmaPredictor)
     predicted_E: Optional[torch.Tensor] = None
     prediction_l1: float = float("nan")
     hot_recall: float = float("nan")

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 
 from .config import ReplicationConfig
+from .gating import capacity_per_expert
 from .layer import configure_replication
 from .planner import home_balancedness
 from .report import markdown_table, report
@@ -40,9 +40,10 @@ def _engine(model: TinySwitch, ds_config: Dict):
     return engine
 
 
-def _dropped(counts_E: torch.Tensor, tokens: int, num_experts: int) -> int:
-    """Routes the stock capacity layer drops on one rank: each expert keeps at most C of them."""
-    capacity = max(math.ceil(tokens / num_experts * 1.0), 4)
+def _dropped(counts_E: torch.Tensor, tokens: int, num_experts: int, k: int) -> int:
+    """Routes the stock capacity layer drops on one rank: each expert keeps at most its capacity
+    (factor 1.0, min_capacity 4, as ``tiny_switch.build_tiny_switch`` builds it)."""
+    capacity = int(capacity_per_expert(tokens, num_experts, k, 1.0, 4))
     return int((counts_E - capacity).clamp_min(0).sum())
 
 
@@ -112,7 +113,7 @@ def run(args, ds_config: Dict) -> List[Dict]:
                         glob = glob.cpu()
                         balance[mode].append(sum(home_balancedness(c, W) for c in glob) / len(glob))
                         if mode == "stock_capacity":
-                            lost = torch.tensor([sum(_dropped(c, tokens, cfg.num_experts) for c in local)],
+                            lost = torch.tensor([sum(_dropped(c, tokens, cfg.num_experts, cfg.k) for c in local)],
                                                 device=device)
                             dist.all_reduce(lost)
                             dropped[mode] += int(lost)

@@ -42,7 +42,7 @@ from .hooks import RemovableHandle, StatsHooks, StepStats, step_stats
 from .lookahead import Chain, attach_entry
 from .placement import Placement, plan_transfers
 from .policy import Decision, ReplicationPolicy
-from .predictor import AHEAD
+from .predictor import AHEAD, PREDICTORS, EmaPredictor, name_of
 from .replicas import ExpertLayout, ReplicaStore, ReplicaTable
 from .split import capacity_transport, transport
 from .versions import weights_version
@@ -452,7 +452,8 @@ class ReplicatedMOELayer(MOELayer):
         return step_stats(policy.step - 1, decision.placement, counts_WE, send_WP, policy.prediction,
                           replanned=decision.replanned, activated=decision.activated, bytes_moved=step.moved,
                           bytes_received=step.received, exposed_wait_ms=step.waited_ms,
-                          predictor=self.replication.predictor if policy.source == policy.predictor.source else "ema",
+                          predictor=self.replication.predictor if policy.source == policy.predictor.source
+                          else name_of(EmaPredictor),
                           prefetch_late=decision.late, training=grad)
 
     def _agree_replication_off(self, x: torch.Tensor) -> None:
@@ -527,7 +528,7 @@ def configure_replication(model_or_engine: nn.Module, ds_config: Union[str, Mapp
     config = ReplicationConfig.from_ds_config(ds_config)
     layers = [m for m in model_or_engine.modules() if isinstance(m, ReplicatedMoE)]
     distiller = None
-    if config.enabled and config.predictor == "learned":
+    if config.enabled and PREDICTORS[config.predictor].needs_file:
         from .learned import RouterDistiller
 
         distiller = RouterDistiller.load(config.learned_path)

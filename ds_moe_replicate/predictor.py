@@ -25,7 +25,7 @@ from typing import Dict, Optional, Type
 import numpy as np
 
 __all__ = ["HISTORY", "AHEAD", "NOW", "LoadPredictor", "EmaPredictor", "WindowPredictor", "LookaheadPredictor",
-           "LearnedPredictor", "OraclePredictor", "PREDICTORS", "make_predictor"]
+           "LearnedPredictor", "OraclePredictor", "PREDICTORS", "make_predictor", "name_of"]
 
 HISTORY, AHEAD, NOW = "history", "ahead", "now"
 
@@ -111,3 +111,11 @@ def make_predictor(name: str, *, ema_decay: float = 0.5, window: int = 8) -> Loa
     except KeyError:
         raise ValueError(f"moe_replication.predictor: unknown predictor {name!r}; one of {sorted(PREDICTORS)}") from None
     return cls(decay=ema_decay, window=window)
+
+
+def name_of(cls: Type[LoadPredictor]) -> str:
+    """The name ``cls`` is registered under in ``PREDICTORS`` (for code that builds a config)."""
+    for name, registered in PREDICTORS.items():
+        if registered is cls:
+            return name
+    raise ValueError(f"{cls.__name__} is not registered in PREDICTORS")

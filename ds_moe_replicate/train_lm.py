@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .byte_lm import ByteLMConfig, build_byte_lm, full_state_dict
 from .config import ReplicationConfig
 from .routing_observer import RoutingObserver
-from .runtime import all_reduce
+from .runtime import all_reduce, timed
 from .stdlib_text import HELD_OUT_SHARE, Corpus, load_corpus
 from .traces import TraceRecorder
 
@@ -152,22 +152,24 @@ def train(args) -> Optional[Dict]:
         bar = tqdm(total=args.steps, desc="train", dynamic_ncols=True)
     engine.train()
     t_train = time.perf_counter()
-    for step in range(args.steps):
-        t0 = time.perf_counter()
+
+    def train_step() -> torch.Tensor:
         x = next(data).to(device)
         logits = engine(x[:, :-1])
         lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
-        loss = lm_loss + args.aux_loss_coef * model.l_aux
-        engine.backward(loss)
+        engine.backward(lm_loss + args.aux_loss_coef * model.l_aux)
         engine.step()
+        return lm_loss
+
+    for step in range(args.steps):
+        lm_loss, step_ms = timed(train_step)
         seen = observer.take(W)
         for j, c in enumerate(seen["counts_LE"]):
             recorder.record(j, c)
         reduced = torch.tensor([float(lm_loss.detach()), float(model.l_aux.detach())], dtype=torch.float64)
         reduced = all_reduce(reduced)
         reduced /= world
-        seconds = time.perf_counter() - t0
-        tokens_per_s = world * batch * args.seq / seconds
+        tokens_per_s = world * batch * args.seq / (step_ms / 1e3)
         history.append(dict(step=step, loss=float(reduced[0]), l_aux=float(reduced[1]), tokens_per_s=tokens_per_s,
                             balancedness=seen["balancedness"], replicas=seen["replicas"]))
         if bar is not None:

@@ -1,8 +1,19 @@
 """Per-rank bodies of the benchmark tests (importable by spawned ranks)."""
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.distributed as dist
+
+
+@dataclass
+class RecordedTraces:
+    """What the trace recorders saw on one rank."""
+
+    stock_BLE: np.ndarray        # the stock stack's counts of this rank's tokens
+    replicated_BLE: np.ndarray   # the replicated stack's counts, gathered over the group
+    steered_BLE: np.ndarray      # the experts this rank's tokens were steered to
 
 
 def bench_main(rank, argv):
@@ -14,8 +25,7 @@ def bench_main(rank, argv):
 
 def record_traces(rank, steps, layers, experts):
     """A stock stack and a replicated one (replication on) on the same steered batches, each with a
-    ``TraceRecorder``; returns (stock counts of this rank [B, L, E], replicated global counts, the
-    experts each token was steered to, summed over this rank's tokens)."""
+    ``TraceRecorder``; returns their ``RecordedTraces`` ([B, L, E] each)."""
     from ds_moe_replicate.bench.stack import build_stack
     from ds_moe_replicate.bench.traces import TraceRecorder
     from ds_moe_replicate.bench.workloads import Workload, assign, steer_tokens
@@ -36,4 +46,4 @@ def record_traces(rank, steps, layers, experts):
             x = steer_tokens(ex, stock.gate_dirs(), 6.0, 0.5, seed=rank * 17 + b)
             stock(x)
             rep(x)
-    return rec_s.trace().counts_BLE, rec_r.trace().counts_BLE, np.stack(targets)
+    return RecordedTraces(rec_s.trace().counts_BLE, rec_r.trace().counts_BLE, np.stack(targets))

@@ -7,6 +7,8 @@ tokens; a wrong expert, a wrong combine weight or a lost shared expert shows in 
 
 import copy
 import os
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -15,6 +17,20 @@ from torch import nn
 
 FAMILIES = ("switch", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 VOCAB = 97
+
+
+@dataclass
+class HFComparison:
+    """One rank's original model vs the model after ``replace_moe_blocks``."""
+
+    diffs: List[float]                                  # max abs logit diff per step
+    losses: List[Tuple[Dict[str, float], Dict[str, float]]]  # (original, replaced) aux losses per step
+    recorded: List[Tuple[int, int]]                     # router logits recorded (original, replaced) per step
+    held: List[List[int]]                               # original experts matching each local expert
+    blocks: int                                         # MoE blocks replaced
+    replicated_steps: List[int]                         # steps the replicated path recorded
+    corrupted: float                                    # logit diff once a local expert is corrupted
+    gate_shared: bool                                   # every block's gate is the router's own weight
 
 
 def build_tiny(name: str, seed: int = 0) -> nn.Module:
@@ -69,9 +85,9 @@ def aux_losses(out) -> dict:
 def compare(rank: int, name: str, mode: str, ep_size: int, steps: int = 3):
     """Original model vs the model after replace_moe_blocks, on this rank's own batches.
 
-    Returns max abs logit diff, the aux-loss pairs, the number of router logits recorded by
-    each, the experts this rank holds (as indices into the original's experts), and whether a
-    deliberately wrong expert would have been visible.
+    Returns an ``HFComparison``: max abs logit diff, the aux-loss pairs, the number of router
+    logits recorded by each, the experts this rank holds (as indices into the original's
+    experts), and whether a deliberately wrong expert would have been visible.
     """
     from ds_moe_replicate.hf import DeepSpeedMoEBlock, replace_moe_blocks, set_switch_capacity
 
@@ -110,10 +126,10 @@ def compare(rank: int, name: str, mode: str, ep_size: int, steps: int = 3):
             p.mul_(1.5)
         kw = inputs(name, seed=100 * rank, seq=7 + 4 * rank)
         corrupted = (base(**kw).logits - model(**kw).logits).abs().max().item()
-    return dict(diffs=diffs, losses=losses, recorded=recorded, held=held, blocks=len(names),
-                replicated_steps=[s.step for s in stats if s is not None], corrupted=corrupted,
-                gate_shared=all(blk.gate_weight is (blk.router.classifier.weight if name == "switch"
-                                                    else blk.router.weight) for blk in blocks))
+    return HFComparison(diffs=diffs, losses=losses, recorded=recorded, held=held, blocks=len(names),
+                        replicated_steps=[s.step for s in stats if s is not None], corrupted=corrupted,
+                        gate_shared=all(blk.gate_weight is (blk.router.classifier.weight if name == "switch"
+                                                            else blk.router.weight) for blk in blocks))
 
 
 def compare_many(rank: int, cases, ep_size: int):

@@ -1,8 +1,11 @@
 """Per-rank bodies of the multi-process layer tests (importable by spawned ranks).
 
 Each body builds a stock ``deepspeed.moe.layer.MoE`` and a ``ReplicatedMoE`` with the same
-weights and returns plain numbers for the test to assert on.
+weights and returns a named record of what this rank saw, for the test to assert on.
 """
+
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -16,6 +19,98 @@ from ds_moe_replicate.testing import steer as skewed
 __all__ = ["build_pair", "expert", "skewed"]
 
 
+@dataclass
+class StockComparison:
+    """One rank's run beside the stock layer, one entry per step."""
+
+    diff: List[float] = field(default_factory=list)           # max |stock - replicated| output
+    l_aux_diff: List[float] = field(default_factory=list)     # |stock - replicated| l_aux
+    counts_equal: List[bool] = field(default_factory=list)    # exp_counts identical
+    versions: List[int] = field(default_factory=list)         # plan version serving the step
+    balancedness: List[float] = field(default_factory=list)
+    replicas: List[int] = field(default_factory=list)         # replicas serving the step
+    bytes_moved: int = 0                                      # replica bytes moved over the run
+    hook_calls: int = 0                                       # stats records the hook received
+
+
+@dataclass
+class BalanceStep:
+    """One step with one hot expert."""
+
+    diff: float                # max |stock - replicated| output
+    balancedness: float        # of routes computed per rank
+    counts_E: List[int]        # routes per expert, whole group
+
+
+@dataclass
+class UnevenRun:
+    """Uneven token counts per rank against a dense reference."""
+
+    diffs: List[float]                 # max |replicated - dense| per step (0 for an empty rank)
+    rank_tokens: List[List[int]]       # routes each rank computed, per step
+
+
+@dataclass
+class Drops:
+    """Routes dropped over capacity per step, whole group."""
+
+    stock: List[int]
+    ours: List[int]
+
+
+@dataclass
+class GradStep:
+    """One training step beside the stock layer."""
+
+    rel_grad_diff: float       # max relative parameter gradient difference
+    input_grad_diff: float     # max |stock - replicated| input gradient
+    replicas: int              # replicas serving the step
+    training: bool             # the step ran the training path
+
+
+@dataclass
+class TrainingRun:
+    off_diff: float            # max |stock - replicated| output with replication off
+    steps: List[GradStep]
+
+
+@dataclass
+class MaskedStep:
+    """One step with a used_token mask and a residual MoE."""
+
+    diff: float
+    l_aux_diff: float
+    counts_equal: bool
+
+
+@dataclass
+class EncodedRun:
+    checks: int                # replica tensors checked against their slot's encoding
+    bytes_received: int        # replica bytes this rank received
+
+
+@dataclass
+class Toggle:
+    """One ``deepspeed.initialize`` with the JSON section on or off."""
+
+    enabled: bool              # engine.config's moe_replication.enabled
+    replicated_ran: bool       # the layer took the replicated path (it has stats)
+
+
+@dataclass
+class PredictorStep:
+    """One MoE layer at one step of the tiny Switch-style model."""
+
+    step: int
+    layer: int
+    diff: float                # max |stock - replicated| model output
+    plan_version: int
+    phy2log: List[int]         # the active placement after the step
+    balancedness: float
+    late: bool                 # the prefetch had not landed, the old plan served
+    prediction_l1: Optional[float]
+
+
 def gate_weight(layer) -> torch.Tensor:
     return layer.deepspeed_moe.gate.wg.weight.detach()
 
@@ -27,7 +122,7 @@ def compare_with_stock(rank, k, num_experts, steps, replan_interval, tokens=48, 
                             replication={"enabled": True, "slots_per_rank": slots, "replan_interval": replan_interval})
     seen = []
     rep.register_stats_hook(seen.append)
-    out = dict(diff=[], l_aux_diff=[], counts_equal=[], versions=[], bytes_moved=0, balancedness=[], replicas=[])
+    out = StockComparison()
     for step in range(steps):
         hot = (step // 3) % num_experts
         x = skewed(tokens, hidden, gate_weight(stock), hot, 0.6, seed=100 * rank + step).view(2, tokens // 2, hidden)
@@ -35,15 +130,15 @@ def compare_with_stock(rank, k, num_experts, steps, replan_interval, tokens=48, 
             a, la, ca = stock(x)
             b, lb, cb = rep(x)
         assert b.shape == a.shape and b.dtype == a.dtype
-        out["diff"].append((a - b).abs().max().item())
-        out["l_aux_diff"].append((la - lb).abs().item())
-        out["counts_equal"].append(bool(torch.equal(ca, cb)))
+        out.diff.append((a - b).abs().max().item())
+        out.l_aux_diff.append((la - lb).abs().item())
+        out.counts_equal.append(bool(torch.equal(ca, cb)))
         s = rep.last_stats
-        out["versions"].append(s.plan_version)
-        out["bytes_moved"] += s.bytes_moved
-        out["balancedness"].append(s.balancedness)
-        out["replicas"].append(s.num_replicas)
-    out["hook_calls"] = len(seen)
+        out.versions.append(s.plan_version)
+        out.bytes_moved += s.bytes_moved
+        out.balancedness.append(s.balancedness)
+        out.replicas.append(s.num_replicas)
+    out.hook_calls = len(seen)
     return out
 
 
@@ -58,7 +153,8 @@ def one_hot_expert_balance(rank, steps=6):
         with torch.no_grad():
             a, _, _ = stock(x)
             b, _, _ = rep(x)
-        res.append(((a - b).abs().max().item(), rep.last_stats.balancedness, rep.last_stats.counts_E.tolist()))
+        res.append(BalanceStep((a - b).abs().max().item(), rep.last_stats.balancedness,
+                               rep.last_stats.counts_E.tolist()))
     return res
 
 
@@ -113,7 +209,7 @@ def uneven_tokens(rank, k, steps=6):
         assert b.shape == x.shape
         diffs.append((b - ref).abs().max().item() if n else 0.0)
         tokens.append(rep.last_stats.rank_tokens_W.tolist())
-    return diffs, tokens
+    return UnevenRun(diffs, tokens)
 
 
 def capacity_drops(rank, k, steps=4):
@@ -133,7 +229,7 @@ def capacity_drops(rank, k, steps=4):
         dist.all_reduce(dropped)
         stock_drops.append(int(dropped))
         our_drops.append(rep.last_stats.dropped_tokens)
-    return stock_drops, our_drops
+    return Drops(stock_drops, our_drops)
 
 
 def error_on_one_rank(rank, where):
@@ -184,8 +280,8 @@ def disabled_and_training(rank, steps=3):
         rel = max(((p.grad - q.grad).abs().max() / p.grad.abs().max().clamp_min(1e-12)).item()
                   for p, q in zip(stock2.parameters(), rep2.parameters()))
         s = rep2.last_stats
-        out.append((rel, (xs.grad - xr.grad).abs().max().item(), s.num_replicas, s.training))
-    return off_diff, out
+        out.append(GradStep(rel, (xs.grad - xr.grad).abs().max().item(), s.num_replicas, s.training))
+    return TrainingRun(off_diff, out)
 
 
 def used_token_and_residual(rank):
@@ -205,7 +301,7 @@ def used_token_and_residual(rank):
         with torch.no_grad():
             a, la, ca = stock(x, used)
             b, lb, cb = rep(x, used)
-        diffs.append(((a - b).abs().max().item(), (la - lb).abs().item(), bool(torch.equal(ca, cb))))
+        diffs.append(MaskedStep((a - b).abs().max().item(), (la - lb).abs().item(), bool(torch.equal(ca, cb))))
     return diffs
 
 
@@ -240,7 +336,7 @@ def encoded_replicas(rank, steps=8):
                 got = store.params(s)[name]
                 assert torch.all(got == torch.tensor(want, dtype=got.dtype)), (step, s, e, name)
                 checks += 1
-    return checks, moves
+    return EncodedRun(checks, moves)
 
 
 def deepspeed_initialize_toggle(rank):
@@ -261,13 +357,13 @@ def deepspeed_initialize_toggle(rank):
         with torch.no_grad():
             x = torch.randn(10, 16)
             engine.module[1](engine.module[0](x))
-        results.append((engine.config["moe_replication"]["enabled"], rep.last_stats is not None))
+        results.append(Toggle(engine.config["moe_replication"]["enabled"], rep.last_stats is not None))
     return results
 
 
 def predictor_run(rank, predictor, steps=6, late_rank=None, late_step=None):
     """Tiny Switch-style model, topics alternating per batch: stock vs ReplicatedMoE with
-    ``predictor``. Returns per step and MoE layer (diff, version, phy2log, balancedness, late)."""
+    ``predictor``. Returns a ``PredictorStep`` per step and MoE layer."""
     from ds_moe_replicate.layer import configure_replication
     from ds_moe_replicate.tiny_switch import TinySwitchConfig, build_tiny_switch, topic_tokens
 
@@ -303,5 +399,6 @@ def predictor_run(rank, predictor, steps=6, late_rank=None, late_step=None):
         for j, layer in enumerate(rep.moe_layers()):
             s = layer.last_stats
             phy = layer.deepspeed_moe.policy.active.phy2log_P.tolist()
-            out.append((step, j, diff, s.plan_version, phy, s.balancedness, s.prefetch_late, s.prediction_l1))
+            out.append(PredictorStep(step, j, diff, s.plan_version, phy, s.balancedness, s.prefetch_late,
+                                     s.prediction_l1))
     return out

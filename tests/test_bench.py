@@ -14,8 +14,10 @@ from torch import nn
 
 import bench_workers
 from ds_moe_replicate.bench import bench, costmodel, emulate
+from ds_moe_replicate.bench.driven import DrivenLayer
 from ds_moe_replicate.bench.traces import Trace, TraceRecorder, counts_from_router_logits, load_trace, save_trace
 from ds_moe_replicate.bench.workloads import Workload, assign, zipf_shares
+from ds_moe_replicate.predictor import EmaPredictor, OraclePredictor
 from ds_moe_replicate.testing import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,14 +125,12 @@ def test_recorder_hooks_transformers_routers_and_closes_batches():
 
 
 def test_recorded_counts_match_across_stock_and_replicated_on_two_ranks():
-
-
-    res = run_ranks(bench_workers.record_traces, 2, 3, 2, 4)
-    stock_sum = res[0][0] + res[1][0]  # stock records this rank's counts
+    r0, r1 = run_ranks(bench_workers.record_traces, 2, 3, 2, 4)
+    stock_sum = r0.stock_BLE + r1.stock_BLE  # stock records this rank's counts
     assert stock_sum.shape == (3, 2, 4)
-    assert np.array_equal(res[0][1], stock_sum) and np.array_equal(res[1][1], stock_sum)
+    assert np.array_equal(r0.replicated_BLE, stock_sum) and np.array_equal(r1.replicated_BLE, stock_sum)
     # The steered tokens route as the workload asked (so benchmarks control skew through the real gate).
-    assert np.array_equal(stock_sum, res[0][2] + res[1][2])
+    assert np.array_equal(stock_sum, r0.steered_BLE + r1.steered_BLE)
 
 
 # ---------------------------------------------------------------------------- cost model
@@ -162,6 +162,22 @@ def test_costmodel_cli_prints_projections(tmp_path, capsys):
     assert "trace replayed as recorded" in out and "| switch-base-128 | H100 | 8 |" in out
 
 
+def test_driven_policy_serves_history_plans_a_step_later_and_the_oracle_waits():
+    """The benchmarks drive the layer's own policy: a history plan made at a step's close serves
+    from the next step (its copies land meanwhile); the oracle plans this step and waits."""
+    counts = np.array([100, 0, 0, 0, 10, 10, 10, 10], dtype=float)  # E = 8 on W = 4
+    ema = DrivenLayer(costmodel.replication_config(1, EmaPredictor, replan_interval=1), 8, 4, bytes_per_replica=10)
+    first = ema.step_forward(counts)
+    assert first.placement.num_replicas == 0 and first.bytes_moved > 0 and not first.waited_W.any()
+    second = ema.step_forward(counts)
+    assert second.decision.activated and second.placement.num_replicas > 0 and not second.waited_W.any()
+    assert ema.store.valid(second.placement).all()
+    oracle = DrivenLayer(costmodel.replication_config(1, OraclePredictor), 8, 4)
+    step = oracle.step_forward(counts)
+    assert step.placement.num_replicas > 0 and step.waited_W.sum() == step.placement.num_replicas
+    assert not oracle.step_forward(counts).waited_W.any()  # same plan: nothing moves again
+
+
 # ---------------------------------------------------------------------------- emulation
 
 def test_emulation_times_ranks_and_rewards_balance():
@@ -186,8 +202,6 @@ def test_modes_are_checked_by_name():
 
 
 def test_benchmark_on_two_ranks_writes_json_trace_and_plots(tmp_path):
-
-
     out = str(tmp_path / "b")
     argv = ["--deepspeed_config", str(ROOT / "configs" / "demo.json"), "--out", out, "--layers", "2",
             "--hidden", "32", "--ffn", "64", "--tokens", "128", "--warmup", "2", "--steps", "2", "--zipf", "1.5"]

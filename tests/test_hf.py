@@ -15,20 +15,20 @@ TOL = 1e-5
 def _check(results, name, ep_size, mode):
     E_loc = None
     for rank, r in enumerate(results):
-        assert max(r["diffs"]) <= TOL, (name, mode, rank, r["diffs"])
-        for a, b in r["losses"]:
+        assert max(r.diffs) <= TOL, (name, mode, rank, r.diffs)
+        for a, b in r.losses:
             assert a.keys() == b.keys() and a, (a, b)
             for k in a:
                 assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
         # Every MoE layer's router logits still reach the output.
-        assert all(x == y and x > 0 for x, y in r["recorded"]), r["recorded"]
-        assert r["gate_shared"]
+        assert all(x == y and x > 0 for x, y in r.recorded), r.recorded
+        assert r.gate_shared
         # Rank r holds experts r*E_loc .. (r+1)*E_loc-1, each exactly once.
-        E_loc = len(r["held"])
-        assert r["held"] == [[rank * E_loc + j] for j in range(E_loc)], r["held"]
-        assert r["corrupted"] > 1e-3  # the comparison can fail
+        E_loc = len(r.held)
+        assert r.held == [[rank * E_loc + j] for j in range(E_loc)], r.held
+        assert r.corrupted > 1e-3  # the comparison can fail
         if mode == "replicated":
-            assert r["replicated_steps"], "the replicated path did not run"
+            assert r.replicated_steps, "the replicated path did not run"
     return E_loc
 
 

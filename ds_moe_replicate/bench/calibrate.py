@@ -12,14 +12,13 @@ Legend: N rows, H hidden, F FFN.
 
 from __future__ import annotations
 
-import time
 from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..runtime import all_reduce
+from ..runtime import all_reduce, median, timed
 from .common import expert_mlp
 from .costmodel import Hardware
 
@@ -36,13 +35,7 @@ def time_ms(fn, device: torch.device, repeats: int = 5, warmup: int = 1) -> floa
     for _ in range(warmup):
         fn()
     _sync(device)
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(out))
+    return median([timed(fn)[1] for _ in range(repeats)])
 
 
 def _fit_line(x: Sequence[float], y: Sequence[float]) -> Tuple[float, float]:

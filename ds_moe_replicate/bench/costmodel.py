@@ -6,7 +6,8 @@ One layer's time is modelled as the slowest rank's expert compute, plus the all-
 - expert compute of a slot with n rows: ``max(4*H*F*n / flops, (2*H*F + 2*n*(H+F)) * b / mem_bw)``
   (two GEMMs, roofline: weights and activations read once), plus ``launch_s`` per slot;
 - ``stock`` / ``stock_capacity`` (DeepSpeed's ``MOELayer``): every rank computes E_loc experts on
-  W*C rows each, C the largest per-rank expert count (dropless) or ceil(T/E * factor) (capacity);
+  W*C rows each, C the largest per-rank expert count (dropless) or DeepSpeed's capacity
+  (``gating.capacity_per_expert``);
   the padded [E, C, H] buffer goes through the all-to-all; dispatch and combine are gathers
   (DeepSpeed >= 0.19.4's sparse routes) that write and read the padded buffer at memory bandwidth;
 - ours (``no_replication``, ``static_history``, ``predictive:*``, ``oracle``): rank r computes the
@@ -14,7 +15,8 @@ One layer's time is modelled as the slowest rank's expert compute, plus the all-
   permute/combine of the routed rows at memory bandwidth;
 - all-to-all: each rank sends and receives (W-1)/W of its rows; time = bytes / link + latency,
   the link being NVLink inside a node and the network between nodes (the slower part bounds it);
-- replica transfers are overlapped with compute (not charged) except for ``oracle``, which waits.
+- replica transfers are overlapped with compute (not charged) except for ``oracle``, which waits;
+- the replicated modes' plans come from the layer's own ``ReplicationPolicy`` (``driven.py``).
 
 Tokens are assumed spread evenly over source ranks (local count = global / W) unless per-rank
 counts are given. ``python -m ds_moe_replicate.bench.costmodel`` prints projections on a trace.
@@ -32,9 +34,18 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..planner import home_plan, plan_replicas, split_loads
+from ..config import ReplicationConfig
+from ..gating import capacity_per_expert
+from ..placement import Placement
+from ..planner import split_loads
+from ..policy import ReplicationPolicy
+from ..predictor import EmaPredictor, OraclePredictor, name_of
+from .driven import DrivenLayer
 
-__all__ = ["Hardware", "ModelShape", "HARDWARE", "MODELS", "layer_ms", "simulate", "project", "fit_zipf_exponent"]
+ORACLE = name_of(OraclePredictor)  # mode name: the predictor's
+
+__all__ = ["Hardware", "ModelShape", "HARDWARE", "MODELS", "layer_ms", "simulate", "project", "fit_zipf_exponent",
+           "replication_config"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,7 @@ class ModelShape:
     tokens_per_rank: int = 4096
     k: int = 1
     capacity_factor: float = 1.0
+    min_capacity: int = 4  # DeepSpeed's MoE default
 
 
 MODELS: Dict[str, ModelShape] = {
@@ -107,9 +119,13 @@ def layer_ms(mode: str, counts_WE: np.ndarray, m: ModelShape, hw: Hardware, slot
         transfer_bytes: replica weight bytes whose transfer this step waits for (``oracle``).
     """
     W, E = counts_WE.shape
-    e_loc, T = E // W, counts_WE.sum(axis=1).max()
+    # T: tokens on the busiest source rank (each sends k routes per token).
+    e_loc, T = E // W, counts_WE.sum(axis=1).max() / m.k
     if mode in ("stock", "stock_capacity"):
-        C = counts_WE.max() if mode == "stock" else math.ceil(T / E * m.capacity_factor * (1 if m.k == 1 else m.k))
+        # NOTE: dropless DeepSpeed pads every expert to the largest count any rank sends it;
+        # with a capacity factor the padding is DeepSpeed's capacity.
+        C = counts_WE.max() if mode == "stock" else int(capacity_per_expert(T, E, m.k, m.capacity_factor,
+                                                                             m.min_capacity))
         compute = e_loc * float(_expert_s(np.array([W * C]), m, hw)[0])
         # Encode writes [E, C, H] from [T, H]; decode reads it back into [T, H] (read + write each).
         gathers = 2.0 * (E * C + T * m.k) * m.hidden * hw.dtype_bytes / hw.mem_bw
@@ -130,14 +146,27 @@ def _even_WE(counts_E: np.ndarray, W: int) -> np.ndarray:
     return np.tile(np.asarray(counts_E, dtype=np.float64) / W, (W, 1))
 
 
+def replication_config(slots_per_rank: int, predictor: type = EmaPredictor, **fields) -> ReplicationConfig:
+    """The ``moe_replication`` section an emulated replicated mode runs with (the layer's defaults
+    for every field not given)."""
+    return ReplicationConfig(enabled=True, slots_per_rank=slots_per_rank, predictor=name_of(predictor), **fields)
+
+
 def simulate(counts_BLWE: np.ndarray, m: ModelShape, hw: Hardware, slots_per_rank: int, ema_decay: float = 0.5,
-             replan_interval: int = 4, history: int = 4) -> Dict[str, np.ndarray]:
+             replan_interval: int = 4, history: int = 4,
+             replica_cost: float = ReplicationConfig().replica_cost) -> Dict[str, np.ndarray]:
     """Modelled ms per layer of every mode on a trace.
+
+    The replicated modes are the layer's own ``ReplicationPolicy``, one per layer, driven with a
+    fake store (``driven.py``): ``predictive:ema`` re-plans from its history every
+    ``replan_interval`` steps and serves the plan from the next step; ``oracle`` plans each step's
+    counts and waits for the copies that changed; ``static_history`` is the policy's plan for the
+    mean of the first ``history`` batches, installed once.
 
     Args:
         counts_BLWE: [B, L, W, E] routes per source rank and expert (or [B, L, E]: spread evenly).
-        slots_per_rank: S. ema_decay, replan_interval: the ``predictive:ema`` mode's settings (the plan
-            made at step b is used from step b + 1). history: batches behind ``static_history``'s plan.
+        slots_per_rank: S. ema_decay, replan_interval, replica_cost: ``moe_replication`` fields of
+            the replicated modes. history: batches behind ``static_history``'s plan.
 
     Returns:
         mode -> [B, L] modelled ms.
@@ -149,33 +178,34 @@ def simulate(counts_BLWE: np.ndarray, m: ModelShape, hw: Hardware, slots_per_ran
     if W != m.ep or E != m.experts:
         raise ValueError(f"counts have W={W}, E={E}; the model shape {m.name} has ep={m.ep}, experts={m.experts}")
     glob_BLE = c.sum(axis=2)
-    S = slots_per_rank
     expert_bytes = (2 * m.hidden * m.ffn + m.hidden + m.ffn) * hw.dtype_bytes
+    fields = dict(ema_decay=ema_decay, replan_interval=replan_interval, replica_cost=replica_cost)
+    ema_cfg = replication_config(slots_per_rank, EmaPredictor, **fields)
+    oracle_cfg = replication_config(slots_per_rank, OraclePredictor, **fields)
     out = {k: np.zeros((B, L)) for k in ("stock", "stock_capacity", "no_replication", "static_history",
-                                         "predictive:ema", "oracle")}
-    static = plan_replicas(glob_BLE[:history].mean(axis=0), W, S).phy2log
-    home = home_plan(glob_BLE[0], W, S).phy2log
-    ema, active, prev_phy = None, home, None
+                                         "predictive:ema", ORACLE)}
+    home = Placement.home(E, W, slots_per_rank)
+    static = [ReplicationPolicy(ema_cfg, E, W).plan(glob_BLE[:history, j].mean(axis=0), grad=False)
+              for j in range(L)]
+    ema = [DrivenLayer(ema_cfg, E, W, expert_bytes) for _ in range(L)]
+    oracle = [DrivenLayer(oracle_cfg, E, W, expert_bytes) for _ in range(L)]
     for b in range(B):
-        oracle = plan_replicas(glob_BLE[b], W, S)
-        oracle_phy = oracle.phy2log.numpy()
-        for name, phy in (("no_replication", home), ("static_history", static), ("predictive:ema", active)):
-            slots = split_loads(glob_BLE[b], phy, W).numpy()
-            for j in range(L):
-                out[name][b, j] = layer_ms("ours", c[b, j], m, hw, slots[j])
         for j in range(L):
-            out["stock"][b, j] = layer_ms("stock", c[b, j], m, hw)
-            out["stock_capacity"][b, j] = layer_ms("stock_capacity", c[b, j], m, hw)
-            # NOTE: the oracle re-plans every step and waits for its new copies; copies land in
-            # parallel, so the wait is the busiest receiving rank's.
-            changed_W = np.zeros(W) if prev_phy is None else (oracle_phy[j] != prev_phy[j]).reshape(W, -1).sum(axis=1)
-            moved = expert_bytes * float(changed_W.max())
-            out["oracle"][b, j] = layer_ms("ours", c[b, j], m, hw, oracle.slot_load[j].numpy(), moved)
-        prev_phy = oracle_phy
-        ema = glob_BLE[b] if ema is None else ema_decay * ema + (1 - ema_decay) * glob_BLE[b]
-        if b % replan_interval == 0:
-            active = plan_replicas(ema, W, S).phy2log
+            counts_WE, glob_E = c[b, j], glob_BLE[b, j]
+            out["stock"][b, j] = layer_ms("stock", counts_WE, m, hw)
+            out["stock_capacity"][b, j] = layer_ms("stock_capacity", counts_WE, m, hw)
+            for name, placement in (("no_replication", home), ("static_history", static[j]),
+                                    ("predictive:ema", ema[j].step_forward(glob_E).placement)):
+                out[name][b, j] = layer_ms("ours", counts_WE, m, hw, _slot_rows(glob_E, placement))
+            step = oracle[j].step_forward(glob_E)
+            moved = expert_bytes * float(step.waited_W.max())
+            out[ORACLE][b, j] = layer_ms("ours", counts_WE, m, hw, _slot_rows(glob_E, step.placement), moved)
     return out
+
+
+def _slot_rows(load_E: np.ndarray, placement: Placement) -> np.ndarray:
+    """[P] rows per physical slot: the runtime split of ``load_E`` over ``placement``'s copies."""
+    return split_loads(load_E, placement.phy2log_P, placement.ep_size).numpy()[0]
 
 
 def fit_zipf_exponent(counts_E: np.ndarray) -> float:
@@ -275,7 +305,7 @@ def projection_table(rows: List[Dict]) -> str:
     for r in rows:
         out.append(f"| {r['name']} | {r['hardware']['name']} | {r['model']['ep']} | "
                    + " | ".join(f"{r['ms_per_layer'][k]:.3f}" for k in modes)
-                   + f" | {r['speedup_vs_stock']['predictive:ema']:.2f}x | {r['speedup_vs_stock']['oracle']:.2f}x |")
+                   + f" | {r['speedup_vs_stock']['predictive:ema']:.2f}x | {r['speedup_vs_stock'][ORACLE]:.2f}x |")
     return "\n".join(out)
 
 

@@ -5,7 +5,8 @@ For each batch and layer of a routing (a trace, or Zipf loads), each mode gives 
 its slots' row counts — ``stock``: E_loc experts padded to W * C rows (DeepSpeed dropless);
 ``no_replication``: its home experts' rows; ``predictive:ema``: the plan made from an EMA of earlier
 batches (re-planned every ``replan_interval``), its shares from ``planner.split_loads``; ``oracle``:
-the plan for the batch's own counts. The expert MLP then really runs on each slot's rows on this
+the plan for the batch's own counts. Both plans come from the layer's own ``ReplicationPolicy``,
+driven with a fake store (``driven.py``). The expert MLP then really runs on each slot's rows on this
 CPU/GPU and is timed; a rank's time is the sum over its slots, the layer's time the slowest rank's
 plus the two all-to-alls of the cost model (``costmodel._a2a_s``) with the given link parameters.
 Slots with the same row count share one measurement (every rank of ``stock`` has the same work).
@@ -19,20 +20,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
-from ..planner import balancedness, home_plan, plan_replicas, split_loads
+from ..placement import Placement
+from ..planner import balancedness, home_balancedness, split_loads
+from ..predictor import EmaPredictor, OraclePredictor
+from ..runtime import median, timed
 from .common import expert_mlp
-from .costmodel import Hardware, ModelShape, _a2a_s
+from .costmodel import ORACLE, Hardware, ModelShape, _a2a_s, replication_config
+from .driven import DrivenLayer
 from .workloads import zipf_shares
 
 __all__ = ["ExpertTimer", "emulate", "zipf_counts"]
 
-MODES = ("stock", "no_replication", "predictive:ema", "oracle")
+MODES = ("stock", "no_replication", "predictive:ema", ORACLE)
 
 
 class ExpertTimer:
@@ -50,16 +54,10 @@ class ExpertTimer:
         rows = int(round(rows))
         if rows not in self.memo:
             x = torch.randn(rows, self.hidden, device=self.device, dtype=self.dtype)
-            out = []
             with torch.no_grad():
                 self.mlp(x)
-                for _ in range(self.repeats):
-                    t0 = time.perf_counter()
-                    self.mlp(x)
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    out.append((time.perf_counter() - t0) * 1e3)
-            self.memo[rows] = float(np.median(out))
+                out = [timed(lambda: self.mlp(x))[1] for _ in range(self.repeats)]
+            self.memo[rows] = median(out)
             self.calls += 1
         return self.memo[rows]
 
@@ -74,41 +72,48 @@ def zipf_counts(batches: int, layers: int, experts: int, routes: int, exponent: 
     return out
 
 
-def _slot_rows(mode: str, counts_E: np.ndarray, W: int, S: int, phy_P: Optional[np.ndarray]) -> np.ndarray:
+def _slot_rows(mode: str, counts_E: np.ndarray, W: int, placement: Optional[Placement]) -> np.ndarray:
     """[W, K] rows per slot of every virtual rank."""
     E = counts_E.size
     if mode == "stock":
-        C = int(np.ceil(counts_E.max() / W))  # the largest per-rank count, tokens spread evenly
-        return np.full((W, E // W), W * C, dtype=np.int64)
-    rows_P = split_loads(counts_E, phy_P, W, integral=True).numpy()[0]
+        # NOTE: not a capacity: dropless DeepSpeed pads every expert to the largest count a rank
+        # sends it, here with tokens spread evenly over the source ranks.
+        pad_rows = int(np.ceil(counts_E.max() / W))
+        return np.full((W, E // W), W * pad_rows, dtype=np.int64)
+    rows_P = split_loads(counts_E, placement.phy2log_P, W, integral=True).numpy()[0]
     return rows_P.reshape(W, -1)
 
 
 def emulate(counts_BLE: np.ndarray, W: int, S: int, timer: ExpertTimer, link: Hardware, ema_decay: float = 0.5,
             replan_interval: int = 4, tokens_per_rank: Optional[int] = None) -> Dict[str, Dict]:
-    """Emulated ms per layer (median over batches of the mean over layers) and balancedness per mode."""
+    """Emulated ms per layer (median over batches of the mean over layers) and balancedness per mode.
+
+    ``predictive:ema`` and ``oracle`` are the layer's own ``ReplicationPolicy``, one per layer,
+    driven with a fake store (``driven.py``); an oracle's wait for its copies is not timed here.
+    """
     B, L, E = counts_BLE.shape
     if E % W:
         raise ValueError(f"--ranks: W={W} must divide the number of experts E={E}")
     m = ModelShape("emulated", timer.hidden, 0, E, W, tokens_per_rank or int(counts_BLE[0, 0].sum() // W))
     ms = {k: np.zeros((B, L)) for k in MODES}
     bal = {k: np.zeros((B, L)) for k in MODES}
-    home = home_plan(counts_BLE[0], W, S).phy2log.numpy()
-    active, ema = home, None
+    fields = dict(ema_decay=ema_decay, replan_interval=replan_interval)
+    home = Placement.home(E, W, S)
+    driven = {"predictive:ema": [DrivenLayer(replication_config(S, EmaPredictor, **fields), E, W) for _ in range(L)],
+              ORACLE: [DrivenLayer(replication_config(S, OraclePredictor, **fields), E, W) for _ in range(L)]}
     for b in range(B):
-        oracle = plan_replicas(counts_BLE[b], W, S).phy2log.numpy()
-        phys = {"stock": None, "no_replication": home, "predictive:ema": active, "oracle": oracle}
-        for mode in MODES:
-            for j in range(L):
-                rows_WK = _slot_rows(mode, counts_BLE[b, j], W, S, None if phys[mode] is None else phys[mode][j])
+        for j in range(L):
+            counts_E = counts_BLE[b, j]
+            placements = {"stock": None, "no_replication": home}
+            for mode, layers in driven.items():
+                placements[mode] = layers[j].step_forward(counts_E).placement
+            for mode in MODES:
+                rows_WK = _slot_rows(mode, counts_E, W, placements[mode])
                 rank_ms = np.array([sum(timer.ms(n) for n in row) for row in rows_WK])
                 wire = rows_WK.sum(axis=1) if mode == "stock" else np.maximum(rows_WK.sum(axis=1), m.tokens_per_rank)
                 ms[mode][b, j] = rank_ms.max() + 2e3 * _a2a_s(wire, m, link)
-                bal[mode][b, j] = float(balancedness(counts_BLE[b, j].reshape(W, -1).sum(axis=1)
-                                                     if mode == "stock" else rows_WK.sum(axis=1)))
-        ema = counts_BLE[b].astype(np.float64) if ema is None else ema_decay * ema + (1 - ema_decay) * counts_BLE[b]
-        if b % replan_interval == 0:
-            active = plan_replicas(ema, W, S).phy2log.numpy()
+                bal[mode][b, j] = (home_balancedness(counts_E, W) if mode == "stock"
+                                   else float(balancedness(rows_WK.sum(axis=1))))
     out = {}
     for mode in MODES:
         per_layer = np.median(ms[mode].mean(axis=1))
@@ -161,12 +166,11 @@ def main(argv=None) -> int:
                                  args.seed)
         if counts.shape[2] % W:
             ap.error(f"--ranks: W={W} does not divide E={counts.shape[2]}")
-        t0 = time.perf_counter()
-        r = emulate(counts, W, args.slots, timer, link, tokens_per_rank=args.tokens_per_rank)
+        r, run_ms = timed(lambda: emulate(counts, W, args.slots, timer, link, tokens_per_rank=args.tokens_per_rank))
         print(f"| {W} | {counts.shape[2]} | " + " | ".join(f"{r[k]['ms_per_layer']:.2f}" for k in MODES)
-              + f" | {r['predictive:ema']['speedup_vs_stock']:.2f}x | {r['oracle']['speedup_vs_stock']:.2f}x | "
+              + f" | {r['predictive:ema']['speedup_vs_stock']:.2f}x | {r[ORACLE]['speedup_vs_stock']:.2f}x | "
               f"{r['stock']['balancedness']:.2f} | {r['predictive:ema']['balancedness']:.2f} |", flush=True)
-        rows.append(dict(W=W, experts=int(counts.shape[2]), seconds=time.perf_counter() - t0, modes=r))
+        rows.append(dict(W=W, experts=int(counts.shape[2]), seconds=run_ms / 1e3, modes=r))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(rows, fh, indent=1)

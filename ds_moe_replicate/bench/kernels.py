@@ -73,7 +73,11 @@ def make_inputs(tokens: int, hidden: int, experts: int, k: int, ep_size: int, sl
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 50, warmup: int = 5) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events on a GPU, wall clock on CPU)."""
+    """Median milliseconds of ``fn()`` (CUDA events on a GPU, wall clock on CPU).
+
+    Not ``runtime.timed``: a kernel micro-benchmark times one launch on one device between two
+    CUDA events (no barrier, no host synchronisation inside the sample), where ``timed`` times a
+    whole step across ranks."""
     for _ in range(warmup):
         fn()
     samples: List[float] = []

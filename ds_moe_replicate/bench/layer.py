@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..planner import home_balancedness
 from .common import (
     all_max,
     build_pair,
@@ -30,7 +31,6 @@ from .common import (
     init_distributed,
     markdown_table,
     median,
-    rank_balance,
     report,
     share_for_hottest,
     steer,
@@ -94,7 +94,7 @@ def bench_layer(hidden: int, ffn: int, num_experts: int, tokens: int, k: int, wo
                 diff = max(diff, float((out["stock"] - out["ours"]).abs().max()),
                            float((out["stock"] - out["ragged"]).abs().max()))
                 if i >= warmup:
-                    stock_bal.append(rank_balance(s.counts_E, W))
+                    stock_bal.append(home_balancedness(s.counts_E, W))
                     ours_bal.append(s.balancedness)
                     waits.append(s.exposed_wait_ms)
                 counts = s.counts_E

@@ -17,7 +17,6 @@ import argparse
 import itertools
 import json
 import statistics
-import time
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ import torch
 from ..placement import Placement
 from ..planner import balancedness, home_plan, max_rank_load_lower_bound, plan_replicas
 from ..replan import replan
+from ..runtime import timed
 from ..split import quotas
 
 EXPONENTS = (0.8, 1.0, 1.2, 1.4, 1.6)
@@ -75,12 +75,7 @@ def replan_ms(layers: int = 24, experts: int = 256, ranks: int = 64, slots: int 
     rng = np.random.default_rng(0)
     load = torch.from_numpy(zipf_load(experts, 1.2, 4096 * ranks, rng, layers=layers))
     plan_replicas(load, ranks, slots)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        plan_replicas(load, ranks, slots)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    return [timed(lambda: plan_replicas(load, ranks, slots))[1] for _ in range(repeats)]
 
 
 def _split_balancedness(tokens_E: np.ndarray, placement: Placement) -> float:
@@ -100,12 +95,9 @@ def incremental(steps: int = 40, tokens_per_rank: int = 4096) -> list[dict]:
             if step % 10 == 0:
                 perm = rng.permutation(E)
             load = rng.multinomial(tokens_per_rank * W, p[perm]).astype(float)
-            t0 = time.perf_counter()
-            inc = replan(load, prev_inc)
-            t_inc = (time.perf_counter() - t0) * 1e6
-            t0 = time.perf_counter()
-            full = plan_replicas(load, W, S).placement(version=prev_full.version + 1)
-            t_full = (time.perf_counter() - t0) * 1e6
+            inc, t_inc = timed(lambda: replan(load, prev_inc))
+            full, t_full = timed(lambda: plan_replicas(load, W, S).placement(version=prev_full.version + 1))
+            t_inc, t_full = t_inc * 1e3, t_full * 1e3  # microseconds
             moved = [int(((new.phy2log_P != old.phy2log_P) & (new.phy2log_P >= 0)).sum())
                      for new, old in ((inc, prev_inc), (full, prev_full))]
             rows.append(dict(E=E, W=W, S=S, step=step, replan=_split_balancedness(load, inc),

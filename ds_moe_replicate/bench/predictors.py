@@ -27,11 +27,11 @@ import torch.distributed as dist
 from ..config import ReplicationConfig
 from ..layer import configure_replication
 from ..planner import plan_replicas
+from ..predictor import PREDICTORS
 from ..tiny_switch import TinySwitchConfig, build_tiny_switch, topic_tokens
 from ..train_predictor import distill
 from .common import add_tiny_switch_args, device_for_rank, init_distributed, markdown_table, median, report, timed
 
-PREDICTORS = ("ema", "window", "lookahead", "learned", "oracle")
 WORKLOADS = ("switching", "steady")
 
 
@@ -46,7 +46,7 @@ def run_workload(workload: str, cfg: TinySwitchConfig, base: Dict, predictors: L
     state = models["stock"].state_dict()
     records: Dict[str, list] = {}
     learned_path = None
-    if "learned" in predictors:
+    if any(PREDICTORS[name].needs_file for name in predictors):
         # Distil the learned predictor from this model's routers (on other batches than the timed ones).
         box = [os.path.join(tempfile.gettempdir(), f"ds_moe_learned_{os.getpid()}.pt")]
         dist.broadcast_object_list(box, src=0)

@@ -38,12 +38,26 @@ from ..config import ReplicationConfig
 from ..hooks import prediction_quality
 from ..learned import RouterRecord, record_router_outputs, train_distiller
 from ..planner import balancedness, home_plan, plan_replicas, split_loads
-from ..predictor import EmaPredictor, WindowPredictor
+from ..predictor import (
+    AHEAD,
+    HISTORY,
+    NOW,
+    PREDICTORS,
+    EmaPredictor,
+    LearnedPredictor,
+    OraclePredictor,
+    WindowPredictor,
+    make_predictor,
+    name_of,
+)
 from ..stdlib_text import load_corpus
 from ..traces import Trace, save_trace
 from .common import markdown_table
 
-PREDICTORS = ("none", "ema", "window", "learned", "oracle")
+NONE = "none"  # DeepSpeed's placement, no replication
+# Predictors a trace can replay (lookahead needs the model's hidden states); ``learned`` replays
+# its recorded prediction.
+REPLAYED = (NONE,) + tuple(name_of(c) for c in (EmaPredictor, WindowPredictor, LearnedPredictor, OraclePredictor))
 
 
 def _realised(counts_LE: np.ndarray, plan, W: int) -> np.ndarray:
@@ -59,7 +73,7 @@ def replay(counts_BLE: np.ndarray, W: int, slots: int, predictor: str, replan_in
     Args:
         counts_BLE: real routes per expert, per batch and layer.
         W, slots: emulated expert-parallel size and replica slots per rank.
-        predictor: one of ``PREDICTORS``.
+        predictor: one of ``REPLAYED``.
         replan_interval, ema_decay, window: the history predictors' ``moe_replication`` fields.
         predicted_BLE: the learned predictor's per-batch prediction (``"learned"`` only).
 
@@ -68,18 +82,20 @@ def replay(counts_BLE: np.ndarray, W: int, slots: int, predictor: str, replan_in
         prediction exists, e.g. ``none``), and ``min_balancedness``.
     """
     B, L, E = counts_BLE.shape
-    history = [EmaPredictor(ema_decay) if predictor == "ema" else WindowPredictor(window) for _ in range(L)]
+    source = None if predictor == NONE else PREDICTORS[predictor].source
+    history = [make_predictor(predictor, ema_decay=ema_decay, window=window) for _ in range(L)] \
+        if source == HISTORY else []
     plan, pred_LE = home_plan(counts_BLE[0], W, slots), None
     bal, l1, recall = [], [], []
     for b in range(B):
         actual = counts_BLE[b]
-        if predictor in ("ema", "window") and b > 0 and b % replan_interval == 0:
+        if source == HISTORY and b > 0 and b % replan_interval == 0:
             pred_LE = np.stack([h.predict() for h in history])
             plan = plan_replicas(pred_LE, W, slots)
-        elif predictor == "learned":
+        elif source == AHEAD:
             pred_LE = predicted_BLE[b].astype(np.float64)
             plan = plan_replicas(pred_LE, W, slots)
-        elif predictor == "oracle":
+        elif source == NOW:
             pred_LE = actual.astype(np.float64)
             plan = plan_replicas(pred_LE, W, slots)
         bal.extend(_realised(actual, plan, W).tolist())
@@ -87,9 +103,8 @@ def replay(counts_BLE: np.ndarray, W: int, slots: int, predictor: str, replan_in
             q = prediction_quality(None if pred_LE is None else pred_LE[j], actual[j], W)
             l1.append(q[0])
             recall.append(q[1])
-        if predictor in ("ema", "window"):
-            for j in range(L):
-                history[j].observe(actual[j])
+        for j, h in enumerate(history):
+            h.observe(actual[j])
     nan_mean = lambda v: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan")  # noqa: E731
     return dict(balancedness=float(np.mean(bal)), min_balancedness=float(np.min(bal)), l1=nan_mean(l1),
                 hot_recall=nan_mean(recall))
@@ -149,7 +164,7 @@ def main(argv=None) -> int:
     for W in [int(w) for w in args.ranks.split(",") if w]:
         if cfg.experts % W:
             continue
-        for name in PREDICTORS:
+        for name in REPLAYED:
             r = replay(counts_BLE, W, rep.slots_per_rank, name, rep.replan_interval, rep.ema_decay, rep.window,
                        predicted_BLE)
             rows.append(dict(W=W, E=cfg.experts, predictor=name, **r))

@@ -45,7 +45,7 @@ from torch import nn
 from ..byte_lm import ByteLM, ByteLMConfig, LocalMoE, build_byte_lm, load_full_state_dict
 from ..config import ReplicationConfig
 from ..routing_observer import RoutingObserver
-from ..runtime import all_reduce
+from ..runtime import all_reduce, timed
 from ..stdlib_text import load_corpus
 
 __all__ = ["LM_MODES", "run_lm_eval", "lm_markdown_table", "use_predicted_routing", "bootstrap_ci"]
@@ -111,11 +111,8 @@ def _score(model: nn.Module, mode: str, windows_NS: torch.Tensor, docs_N: torch.
             mine = idx[b * batch:(b + 1) * batch]
             # NOTE: a rank out of windows still runs a forward: the expert-parallel layers need every rank.
             x = windows_NS[mine] if mine else windows_NS[:1]
-            if dist.is_initialized():
-                dist.barrier()
-            t0 = time.perf_counter()
-            logits = model(x[:, :-1]).float()
-            ms.append((time.perf_counter() - t0) * 1e3)
+            logits, step_ms = timed(lambda: model(x[:, :-1]).float())
+            ms.append(step_ms)
             seen = observer.take(W)
             balance.append(seen["balancedness"])
             replicas = max(replicas, seen["replicas"])

@@ -1,6 +1,6 @@
 """Shared fixtures of the tests, the benchmarks and the main job: twin stock/replicated layers,
-skewed tokens and a tiny model with embeddings. The library may import it (the benchmarks and
-tests are never imported by the library).
+skewed tokens and a tiny model with embeddings. The library may use this module; it never uses
+the benchmark package or the tests.
 
 Legend: T tokens, H hidden, F expert FFN size, E logical experts, W expert-parallel ranks.
 """

@@ -4,10 +4,28 @@ per-rank body of the 2-rank layer test (importable by spawned ranks).
 """
 
 import os
+from dataclasses import dataclass
+from typing import Tuple
 
 import torch
 
-__all__ = ["on_gpu", "float_dtypes", "tolerance", "ping", "launch", "triton_vs_torch"]
+__all__ = ["on_gpu", "float_dtypes", "tolerance", "ping", "launch", "triton_vs_torch", "KernelStep"]
+
+
+@dataclass
+class KernelStep:
+    """One step of the layer with ``kernels="triton"`` beside ``kernels="torch"``."""
+
+    diff: float                 # max |triton - torch| output (0 for a rank without tokens)
+    scale: float                # max |torch| output
+    shape_ok: bool              # both outputs have the input's shape
+    l_aux_diff: float
+    exp_counts_equal: bool      # DeepSpeed's exp_counts identical
+    counts_equal: bool          # gathered routes per expert identical
+    rank_tokens_equal: bool     # routes computed per rank identical
+    versions: Tuple[int, int]   # plan version serving the step (triton, torch)
+    replicas: int               # replicas serving the step (triton)
+    dropped: int                # routes dropped over capacity (triton)
 
 
 def on_gpu() -> bool:
@@ -41,7 +59,7 @@ def triton_vs_torch(rank, steps=5):
     """The layer with ``kernels="triton"`` and with ``"torch"``, same weights and batches.
 
     Plans change every step (replan_interval 1, two replica slots), one rank has no tokens at
-    one step, and a capacity-mode run has untaken routes. Returns per-case, per-step diffs.
+    one step, and a capacity-mode run has untaken routes. Returns per case, a ``KernelStep`` per step.
     """
     import torch.distributed as dist
 
@@ -68,7 +86,7 @@ def triton_vs_torch(rank, steps=5):
                 a, la, ca = layers["triton"](x)
                 b, lb, cb = layers["torch"](x)
             sa, sb = layers["triton"].last_stats, layers["torch"].last_stats
-            per_step.append(dict(
+            per_step.append(KernelStep(
                 diff=(a - b).abs().max().item() if n else 0.0, scale=b.abs().max().item() if n else 0.0,
                 shape_ok=a.shape == b.shape == x.shape,
                 l_aux_diff=(la - lb).abs().item(), exp_counts_equal=bool(torch.equal(ca, cb)),
