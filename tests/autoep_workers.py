@@ -94,9 +94,10 @@ def eval_equal(rank: int, family: str, via: str, steps: int = 4) -> Run:
         for m in rep.module.modules():
             if isinstance(m, ReplicatedAutoEPLayer) and m._store is not None and m._store.buffers is not None:
                 m._store.buffers.mul_(3.0)
-        batch = skewed_batch(rank, steps - 1)
-        a, b = stock(input_ids=batch["input_ids"]).logits, rep(input_ids=batch["input_ids"]).logits
-        run.tampered_diff = (a - b).abs().max().item()
+        for step in range(steps):
+            batch = skewed_batch(rank, step)
+            a, b = stock(input_ids=batch["input_ids"]).logits, rep(input_ids=batch["input_ids"]).logits
+            run.tampered_diff = max(run.tampered_diff, (a - b).abs().max().item())
     return run
 
 
