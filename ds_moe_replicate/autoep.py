@@ -45,7 +45,7 @@ from .compat import check_transformers_for_autoep
 from .config import ReplicationConfig, ReplicationConfigError
 from .dispatch import transport
 from .fetch import FetchSpec, fetch_replicas
-from .grouped_experts import ExpertSlice, expert_slices, slot_weights
+from .grouped_experts import ExpertSlice, expert_slices, replica_weights
 from .hooks import RemovableHandle, StatsHooks, StepStats, prediction_quality
 from .placement import Placement, plan_transfers
 from .planner import balancedness
@@ -298,8 +298,9 @@ class ReplicatedAutoEPLayer(AutoEPMoELayer):
 
     def _run_slots(self, rows_MH: torch.Tensor, mine_WC: np.ndarray, placement: Placement, fetched, step: _Step):
         """AutoEP's expert step over this rank's C slots (rows grouped by slot as AutoEP groups
-        them by expert); without replica rows here, exactly AutoEP's call on the home experts."""
-        e_loc = placement.experts_per_rank
+        them by expert): home slots on the home weights, replica slots on their copies' weights;
+        without replica rows here, exactly AutoEP's call on the home experts."""
+        e_loc, S = placement.experts_per_rank, placement.slots_per_rank
         with_replicas = bool(mine_WC[:, e_loc:].sum())
         counts_WC = torch.from_numpy(np.ascontiguousarray(mine_WC if with_replicas else mine_WC[:, :e_loc]))
         rows, perm, aligned_C, n = permute_by_local_expert(rows_MH, counts_WC.to(torch.int32).to(rows_MH.device))
@@ -307,16 +308,18 @@ class ReplicatedAutoEPLayer(AutoEPMoELayer):
             return unpermute_by_local_expert(self.experts(rows, aligned_C), perm, n)
         layout = ExpertLayout(ExpertSlice(self.experts, 0))
         if fetched is None:
-            weights = slot_weights(self.experts, layout, self.store.buffers, range(placement.slots_per_rank),
-                                   placement.slots_per_rank)
+            weights = replica_weights(layout, self.store.buffers, range(S), S, self.experts.w1.dtype)
         else:
             spec, buf_QN = fetched
             if spec.reqs:
                 spec.wait()
                 step.waited_ms += spec.waited_ms
-            weights = slot_weights(self.experts, layout, buf_QN, [t.slot for t in spec.received],
-                                   placement.slots_per_rank)
-        out = torch.func.functional_call(self.experts, weights, (rows, aligned_C))
+            weights = replica_weights(layout, buf_QN, [t.slot for t in spec.received], S, self.experts.w1.dtype)
+        # NOTE: two grouped calls instead of one over concatenated weights: concatenating would
+        # copy every home expert's weights at every step.
+        cut = int(aligned_C[:e_loc].sum())
+        out = torch.cat([self.experts(rows[:cut], aligned_C[:e_loc]),
+                         torch.func.functional_call(self.experts, weights, (rows[cut:], aligned_C[e_loc:]))])
         return unpermute_by_local_expert(out, perm, n)
 
     def _decide(self, global_E: np.ndarray, g, store: Optional[ReplicaStore], grad: bool, step: _Step) -> Decision:
