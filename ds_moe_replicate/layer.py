@@ -34,7 +34,7 @@ from .comm import (
     group_size,
     raise_failures,
 )
-from .config import ReplicationConfig
+from .config import ReplicationConfig, ReplicationConfigError
 from .dispatch import combine, dispatch
 from .fetch import FetchSpec, fetch_replicas
 from .gating import Routes, capacity_per_expert, drop_over_capacity, normalized_weight_TK, route
@@ -508,18 +508,27 @@ class ReplicatedMoE(MoE):
         return self.deepspeed_moe.hooks.register(fn)
 
 
-def configure_replication(model_or_engine: nn.Module, ds_config: Union[str, Mapping[str, Any], None] = None) -> int:
-    """Apply the ``"moe_replication"`` section to every ``ReplicatedMoE`` of a model.
+def configure_replication(model_or_engine: nn.Module, ds_config: Union[str, Mapping[str, Any], None] = None, *,
+                          require_layers: bool = True) -> int:
+    """Apply the ``"moe_replication"`` section to every replicable layer of a model: each
+    ``ReplicatedMoE``, and each DeepSpeed AutoEP ``AutoEPMoELayer`` (made a
+    ``ReplicatedAutoEPLayer`` in place, ``autoep.py``; left stock while the section is off).
 
     Args:
         model_or_engine: a ``DeepSpeedEngine`` (its ``config`` is read when ``ds_config`` is None)
             or any module.
         ds_config: a DeepSpeed config path or dict; overrides the engine's.
+        require_layers: an enabled section on a model without replicable layers is an error
+            (``ds_moe_replicate.initialize`` passes False and warns at the first forward instead).
 
     Returns:
         The number of layers configured. Call on every rank, between steps, any number of
         times. The model's layers share one lookahead chain; with an AHEAD predictor a forward
         hook on the model's input embeddings predicts the first MoE layer's loads.
+
+    Raises:
+        ReplicationConfigError: the section is enabled and the model has no replicable layer
+            (replication would silently do nothing).
     """
     if ds_config is None:
         ds_config = getattr(model_or_engine, "config", None)
@@ -542,4 +551,13 @@ def configure_replication(model_or_engine: nn.Module, ds_config: Union[str, Mapp
         if hook is None and distiller is not None:
             raise ValueError("moe_replication.predictor 'learned' predicts from the input embeddings, and this model "
                              "has no get_input_embeddings() nor nn.Embedding")
-    return len(layers)
+    # NOTE: imported here so that the legacy layer never loads AutoEP's modules itself.
+    from .autoep import configure_autoep_layers
+
+    total = len(layers) + configure_autoep_layers(model_or_engine, config, first_uid=len(layers))
+    if require_layers and config.enabled and total == 0:
+        raise ReplicationConfigError(
+            f"moe_replication is enabled but {type(model_or_engine).__name__} has no replicable MoE layer (a "
+            "ReplicatedMoE, or an AutoEPMoELayer made by an 'expert_parallel' section in deepspeed.initialize): "
+            "replication would do nothing; set moe_replication.enabled to false or build the model with such layers")
+    return total

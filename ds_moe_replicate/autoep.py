@@ -1,0 +1,425 @@
+"""``ReplicatedAutoEPLayer``: DeepSpeed AutoEP's ``AutoEPMoELayer`` with predictive expert replication.
+
+AutoEP (``"expert_parallel"`` in the DeepSpeed config) swaps a Hugging Face model's MoE blocks
+for ``AutoEPMoELayer`` inside ``deepspeed.initialize``: router -> ragged all-to-all -> grouped
+experts -> combine. This subclass changes two things only:
+
+- the split plan: routes go to physical slots (home experts + replica slots, ``Placement``), the
+  counts of each slot from ``transport`` on the step's gathered counts, instead of one slot per
+  expert;
+- the expert step: AutoEP's grouped experts run over home rows and replica rows at once, a
+  replica slot with its copy's weights (slices of the grouped tensors, ``grouped_experts.py``).
+
+Router, grouped experts, ``combine_from_routed``, parameters and therefore checkpoints stay
+AutoEP's. A layer becomes one in place (``adopt``), after AutoEP's replacement, so the engine's
+optimizer and ZeRO keep the very same parameters. Copies come from the ``ReplicaStore`` in steps
+without gradients (version-checked through the ``ReplicaTable``) and travel with the step in steps
+with gradients (``fetch.py``); decisions come from the layer's ``ReplicationPolicy``.
+
+Legend: T tokens on this rank, H hidden, K routes per token, E logical experts, W ranks,
+E_loc home experts per rank, S replica slots per rank, C = E_loc + S, P = W * C, N routes this
+rank sends, M rows this rank receives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+from deepspeed.module_inject.auto_ep_comm import COMM_BACKEND
+from deepspeed.module_inject.auto_ep_layer import (
+    AutoEPMoELayer,
+    RouterOutput,
+    _AllToAllV,
+    apply_scores_before_experts_if_enabled,
+    combine_from_routed,
+    permute_by_local_expert,
+    unpermute_by_local_expert,
+)
+
+from . import ops
+from .comm import SITE_LAYER, SITE_OFF, Fingerprint, dtype_code, failure_code, gather_step, raise_failures
+from .compat import check_transformers_for_autoep
+from .config import ReplicationConfig, ReplicationConfigError
+from .dispatch import transport
+from .fetch import FetchSpec, fetch_replicas
+from .grouped_experts import ExpertSlice, expert_slices, replica_weights
+from .hooks import RemovableHandle, StatsHooks, StepStats, prediction_quality
+from .placement import Placement, plan_transfers
+from .planner import balancedness
+from .policy import Decision, ReplicationPolicy
+from .predictor import AHEAD, PREDICTORS
+from .replicas import ExpertLayout, ReplicaStore, ReplicaTable
+from .versions import weights_version
+
+__all__ = ["ReplicatedAutoEPLayer", "configure_autoep_layers"]
+
+
+class _Step:
+    """What one forward has found so far (local to the call)."""
+
+    def __init__(self) -> None:
+        self.error: Optional[BaseException] = None
+        self.where = "bad input"
+        self.waited_ms = 0.0
+        self.moved = 0
+        self.received = 0
+
+    def fail(self, err: BaseException, where: str) -> None:
+        if self.error is None:
+            self.error, self.where = err, where
+
+
+def _return_rows(y_MH: torch.Tensor, recv_W: List[int], send_W: List[int], code: int, group):
+    """AutoEP's reverse all-to-all with one status row in front of each rank's rows, so that a
+    rank whose experts failed still completes the exchange and every rank learns of it.
+
+    Returns:
+        ([N, H] rows back in send order, every rank's status code).
+    """
+    status = y_MH.new_full((1, y_MH.shape[1]), float(code))
+    chunks = torch.split(y_MH, recv_W)
+    back = _AllToAllV.apply(group, torch.cat([t for c in chunks for t in (status, c)]),
+                            [n + 1 for n in recv_W], [n + 1 for n in send_W])
+    heads = np.cumsum([0] + [n + 1 for n in send_W[:-1]])
+    codes_W = [int(c) for c in back[torch.from_numpy(heads).to(back.device), 0].round().tolist()]
+    keep = torch.ones(back.shape[0], dtype=torch.bool, device=back.device)
+    keep[torch.from_numpy(heads).to(back.device)] = False
+    return back[keep], codes_W
+
+
+class ReplicatedAutoEPLayer(AutoEPMoELayer):
+    """``AutoEPMoELayer`` whose split sends hot experts' routes to replicas on other ranks."""
+
+    @classmethod
+    def adopt(cls, layer: AutoEPMoELayer, replication: ReplicationConfig, uid: int = 0) -> "ReplicatedAutoEPLayer":
+        """Make an AutoEP layer replicating, in place (already adopted: re-configure it).
+
+        NOTE: the class of the existing object is switched instead of building a new module, so
+        that every parameter, buffer, hook and the engine's references (optimizer, ZeRO
+        partitions, gradient hooks) stay exactly those AutoEP made; no state is added to
+        ``state_dict``.
+
+        Args:
+            layer: an ``AutoEPMoELayer`` (after ``deepspeed.initialize``: its group is set).
+            replication: the ``moe_replication`` section. uid: position among the model's
+                replicated layers (point-to-point tags).
+        """
+        if not isinstance(layer, cls):
+            if layer.comm_backend != COMM_BACKEND:
+                raise ReplicationConfigError(f"moe_replication needs expert_parallel.comm_backend={COMM_BACKEND!r}, "
+                                             f"got {layer.comm_backend!r}")
+            if layer.folding_group_handles is not None and layer.folding_group_handles.spec.tp_size > 1:
+                raise ReplicationConfigError("moe_replication does not support AutoEP with folded tensor parallelism")
+            layer.__class__ = cls
+            layer.hooks = StatsHooks()
+            layer.last_stats = None
+            layer._changes = 0
+            layer._store = None
+            layer.register_load_state_dict_post_hook(lambda module, _keys: module.weights_changed())
+        layer.uid = uid
+        layer.configure(replication)
+        return layer
+
+    # ------------------------------------------------------------------------ configuration and state
+
+    def configure(self, replication: ReplicationConfig) -> None:
+        """Switch config; replica state starts over from the home placement on the next step."""
+        if replication.enabled and PREDICTORS[replication.predictor].source == AHEAD:
+            raise ReplicationConfigError(f"moe_replication.predictor {replication.predictor!r} predicts from an "
+                                         "earlier layer, which AutoEP layers do not link yet; use 'ema', 'window' "
+                                         "or 'oracle'")
+        if self._store is not None:
+            self._store.reset()
+        self.replication = replication
+        self.config_hash = int.from_bytes(hashlib.blake2b(replication.model_dump_json().encode(),
+                                                          digest_size=8).digest(), "little") >> 2
+        self.policy = ReplicationPolicy(replication, self.num_experts, self.ep_size)
+        self.table = ReplicaTable(self.policy.home.phy2log_P.size)
+        self._store = None
+        self._agreed_off = False
+        self.weights_changed()
+
+    def weights_changed(self) -> None:
+        """Every replica of this layer's home experts is stale from now on."""
+        self._changes += 1
+
+    def train(self, mode: bool = True):
+        self.weights_changed()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        # NOTE: the slot buffers are plain tensors (not in state_dict); re-made on the next forward.
+        if self._store is not None:
+            self._store.reset()
+            self.table.cancel()
+        self.weights_changed()
+        return super()._apply(fn, *args, **kwargs)
+
+    def home_params(self) -> List[torch.Tensor]:
+        return [self.experts.w1, self.experts.w2, self.experts.w3]
+
+    def weights_version(self) -> int:
+        return weights_version(self.home_params(), self._changes)
+
+    def grad_step(self) -> bool:
+        """This forward computes gradients for the experts (copies then travel with the step)."""
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.home_params())
+
+    @property
+    def store(self) -> ReplicaStore:
+        if self._store is None:
+            self._store = ReplicaStore(ExpertSlice(self.experts, 0), self.policy.slots_per_rank,
+                                       self.replication.timeout_s)
+        self._store.ensure(self.experts.w1)
+        return self._store
+
+    def register_stats_hook(self, fn: Callable[[StepStats], None]) -> RemovableHandle:
+        """Call ``fn(stats)`` after every replicated forward; returns a handle with ``remove()``."""
+        return self.hooks.register(fn)
+
+    # ------------------------------------------------------------------------ the data path
+
+    def _forward(self, hidden_states: torch.Tensor):
+        if not self.replication.enabled or self.ep_size == 1:
+            self._agree_replication_off(hidden_states)
+            return super()._forward(hidden_states)
+        bsz, seqlen, hdim = hidden_states.shape
+        x_TH = hidden_states.reshape(-1, hdim)
+        group, rank, k = self.ep_group, self.ep_rank, self.top_k
+        policy = self.policy
+        grad = self.grad_step()
+        store = self.store if (policy.enabled and not grad) else None
+        step = _Step()
+
+        # 1. route and count locally; one all-gather shares counts, errors, landing flags, weights
+        # versions and the step's fingerprint (it replaces AutoEP's all-to-all of the counts).
+        ro = None
+        counts_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_TH.device)
+        try:
+            if x_TH.dtype != self.experts.w1.dtype:
+                raise ValueError(f"hidden_states have dtype {x_TH.dtype}, the experts' weights {self.experts.w1.dtype}")
+            ro = RouterOutput(*self.router(x_TH, self.expert_bias))
+            counts_E = ro.num_tokens_per_expert.to(torch.int64)
+            with torch.no_grad():
+                self.tokens_per_expert.add_(ro.num_tokens_per_expert)
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank by gather_step
+            step.fail(err, "bad input")
+        fingerprint = Fingerprint(SITE_LAYER, self.config_hash, policy.active.version, policy.active.digest(),
+                                  int(grad) + 2 * int(self.training), dtype_code(x_TH.dtype), 0)
+        landed = True
+        try:
+            landed = store is None or store.poll()
+        except Exception as err:  # noqa: BLE001 - a transfer over its time limit: every rank raises
+            step.fail(err, "replica transfer")
+        g = gather_step(counts_E, fingerprint, group, tokens=x_TH.shape[0], error=step.error, where=step.where,
+                        landed=landed, version=self.weights_version())
+        global_E = g.counts_WE.sum(axis=0)
+
+        # 2. decide which placement serves.
+        decision = Decision(policy.active)
+        try:
+            decision = self._decide(global_E, g, store, grad, step)
+        except Exception as err:  # noqa: BLE001 - reported to every rank with the returned rows
+            step.fail(err, "replication policy")
+        placement = decision.placement
+
+        # 3. the split plan: each expert's routes among its copies (the same integers on every rank).
+        C = placement.slots_per_rank_total
+        send_WP = transport(g.counts_WE, placement, self.replication.prefer_local)
+        send_W = send_WP.reshape(-1, placement.ep_size, C).sum(axis=2)[rank].tolist()
+        mine_WC = send_WP[:, rank * C:(rank + 1) * C]
+        recv_W = mine_WC.sum(axis=1).tolist()
+
+        # 4. with gradients, the copies' weights travel with the step (overlapping the dispatch).
+        fetched = None
+        if grad and placement.num_replicas and step.error is None:
+            try:
+                fetched, anchor = self._fetch(placement, step)
+                x_TH = x_TH + anchor
+            except Exception as err:  # noqa: BLE001 - reported to every rank with the returned rows
+                step.fail(err, "replica transfer")
+
+        # 5. routes in send order (by physical slot, route order within a slot), AutoEP's all-to-all.
+        order_N = torch.zeros(sum(send_W), dtype=torch.int64, device=x_TH.device)
+        routed_NH = x_TH.new_zeros((sum(send_W), hdim))
+        if step.error is None:
+            try:
+                send_P = torch.from_numpy(send_WP[rank]).to(x_TH.device)
+                copies_ER = torch.from_numpy(placement.log2phy_ER.copy()).to(x_TH.device)
+                _, _, order_N = ops.assign_slots(ro.selected_experts.to(torch.int64), send_P, copies_ER,
+                                                 kernels="torch")
+                if order_N.numel() != sum(send_W):
+                    raise RuntimeError(f"routes ({order_N.numel()}) disagree with the split ({sum(send_W)} rows)")
+                routed_NH = apply_scores_before_experts_if_enabled(x_TH[order_N // k], ro.top_scores.reshape(-1)[order_N],
+                                                                   score_apply=self.score_apply)
+            except Exception as err:  # noqa: BLE001 - the agreed sizes are still exchanged
+                step.fail(err, "expert computation")
+        rows_MH = _AllToAllV.apply(group, routed_NH, send_W, recv_W)
+
+        # 6. AutoEP's grouped experts over home and replica slots.
+        y_MH = torch.zeros_like(rows_MH)
+        if step.error is None:
+            try:
+                y_MH = self._run_slots(rows_MH, mine_WC, placement, fetched, step)
+            except Exception as err:  # noqa: BLE001 - reported to every rank with the returned rows
+                step.fail(err, "expert computation")
+
+        # 7. close the step: the next plan's copies start moving (no gradients), stats, hooks.
+        try:
+            after = policy.close(global_E, placement, grad)
+            if after is not None:
+                self._move(after, g.version_W, step)
+        except Exception as err:  # noqa: BLE001 - reported to every rank with the returned rows
+            step.fail(err, "replica transfer")
+        stats = self._stats(decision, global_E, g.counts_WE, send_WP, step, grad)
+        if step.error is None:
+            try:
+                self.last_stats = stats
+                self.hooks(stats)
+            except Exception as err:  # noqa: BLE001 - reported to every rank with the returned rows
+                step.fail(err, "stats hook")
+
+        # 8. rows back with every rank's status (all ranks raise together), AutoEP's combine.
+        code = failure_code(step.error, step.where) if step.error is not None else 0
+        y_NH, codes_W = _return_rows(y_MH, recv_W, send_W, code, group)
+        if any(codes_W):
+            self._start_over()
+        raise_failures(codes_W, step.error, rank)
+        output = combine_from_routed(y_NH, top_scores=ro.top_scores, token_indices_sorted=order_N, top_k=k,
+                                     score_apply=self.score_apply,
+                                     combine_impl="legacy_bmm" if self.combine_impl == "legacy_bmm" else "weighted_sum",
+                                     shape=(bsz, seqlen, hdim))
+        return self._finalize_output(output, x_TH, hidden_states, hdim)
+
+    # ------------------------------------------------------------------------ steps of the data path
+
+    def _run_slots(self, rows_MH: torch.Tensor, mine_WC: np.ndarray, placement: Placement, fetched, step: _Step):
+        """AutoEP's expert step over this rank's C slots (rows grouped by slot as AutoEP groups
+        them by expert): home slots on the home weights, replica slots on their copies' weights;
+        without replica rows here, exactly AutoEP's call on the home experts."""
+        e_loc, S = placement.experts_per_rank, placement.slots_per_rank
+        with_replicas = bool(mine_WC[:, e_loc:].sum())
+        counts_WC = torch.from_numpy(np.ascontiguousarray(mine_WC if with_replicas else mine_WC[:, :e_loc]))
+        rows, perm, aligned_C, n = permute_by_local_expert(rows_MH, counts_WC.to(torch.int32).to(rows_MH.device))
+        if not with_replicas:
+            return unpermute_by_local_expert(self.experts(rows, aligned_C), perm, n)
+        layout = ExpertLayout(ExpertSlice(self.experts, 0))
+        if fetched is None:
+            weights = replica_weights(layout, self.store.buffers, range(S), S, self.experts.w1.dtype)
+        else:
+            spec, buf_QN = fetched
+            if spec.reqs:
+                spec.wait()
+                step.waited_ms += spec.waited_ms
+            weights = replica_weights(layout, buf_QN, [t.slot for t in spec.received], S, self.experts.w1.dtype)
+        # NOTE: two grouped calls instead of one over concatenated weights: concatenating would
+        # copy every home expert's weights at every step.
+        cut = int(aligned_C[:e_loc].sum())
+        out = torch.cat([self.experts(rows[:cut], aligned_C[:e_loc]),
+                         torch.func.functional_call(self.experts, weights, (rows[cut:], aligned_C[e_loc:]))])
+        return unpermute_by_local_expert(out, perm, n)
+
+    def _decide(self, global_E: np.ndarray, g, store: Optional[ReplicaStore], grad: bool, step: _Step) -> Decision:
+        # NOTE: the policy advances alike on every rank even when a rank's transfer fails here
+        # (raised on every rank after the experts), so every rank splits over the same placement.
+        landed = bool(g.landed_W.all())
+        if store is not None and store.in_flight and landed:
+            try:
+                step.waited_ms += store.land()
+            except Exception as err:  # noqa: BLE001 - reported to every rank with the returned rows
+                step.fail(err, "replica transfer")
+            self.table.commit()
+        decision = self.policy.decide(global_E, landed, lambda pl: self.table.valid(pl, g.version_W), grad)
+        if decision.prefetch_now:
+            try:
+                self._move(decision.prefetch, g.version_W, step)
+                step.waited_ms += self.store.land()
+            except Exception as err:  # noqa: BLE001 - reported to every rank with the returned rows
+                step.fail(err, "replica transfer")
+            self.table.commit()
+            self.policy.land_pending()
+        return decision
+
+    def _move(self, new: Placement, version_W: np.ndarray, step: Optional[_Step] = None) -> None:
+        """Start moving the copies of ``new`` that are not resident and current."""
+        resident = new.without(~self.table.valid(new, version_W))
+        transfers = plan_transfers(resident, new)
+        self.policy.transfers += 1
+        received = self.store.start(transfers, expert_slices(self.experts), self.ep_rank, self.ep_group,
+                                    new.experts_per_rank, tag=self._tag())
+        self.table.begin(transfers, new, version_W)
+        if step is not None:
+            step.moved += len(transfers) * self.store.bytes_per_replica
+            step.received += received
+
+    def _fetch(self, placement: Placement, step: _Step):
+        transfers = plan_transfers(None, placement)
+        layout = ExpertLayout(ExpertSlice(self.experts, 0))
+        params = [p for e in expert_slices(self.experts) for p in e.parameters()]
+        self.policy.transfers += 1
+        spec = FetchSpec(transfers, self.ep_rank, self.ep_group, placement.experts_per_rank, len(layout.names),
+                         layout.numel, self.replication.timeout_s, tag=self._tag())
+        buf_QN, anchor = fetch_replicas(spec, params)
+        # Weights out and gradients back.
+        per_copy = layout.numel * params[0].element_size()
+        step.moved += 2 * len(transfers) * per_copy
+        step.received += 2 * buf_QN.shape[0] * per_copy
+        return (spec, buf_QN), anchor
+
+    def _tag(self) -> int:
+        """This layer's current point-to-point tag: equal on every rank, never an earlier one's."""
+        return (self.uid * 65521 + self.policy.transfers) % (1 << 24)
+
+    def _start_over(self) -> None:
+        """After a failed step (on every rank alike): replica state starts over from home."""
+        if self._store is not None:
+            self._store.reset(wait=False)
+        generation = self.policy.transfers
+        self.policy = ReplicationPolicy(self.replication, self.num_experts, self.ep_size)
+        self.policy.transfers = generation
+        self.table = ReplicaTable(self.policy.home.phy2log_P.size)
+
+    def _stats(self, decision: Decision, global_E, counts_WE, send_WP, step: _Step, grad: bool) -> StepStats:
+        placement = decision.placement
+        W = self.ep_size
+        rank_tokens_W = torch.from_numpy(send_WP.reshape(-1, W, placement.slots_per_rank_total).sum(axis=(0, 2)))
+        prediction = self.policy.prediction
+        l1, recall = prediction_quality(prediction, global_E, W)
+        return StepStats(
+            step=self.policy.step - 1, plan_version=placement.version, counts_E=torch.from_numpy(global_E),
+            rank_tokens_W=rank_tokens_W, balancedness=float(balancedness(rank_tokens_W)),
+            dropped_tokens=int(counts_WE.sum() - send_WP.sum()), num_replicas=placement.num_replicas,
+            replanned=decision.replanned, activated=decision.activated, bytes_moved=step.moved,
+            bytes_received=step.received, exposed_wait_ms=step.waited_ms, predictor=self.replication.predictor,
+            predicted_E=None if prediction is None else torch.from_numpy(np.asarray(prediction)),
+            prediction_l1=l1, hot_recall=recall, prefetch_late=decision.late, training=grad)
+
+    def _agree_replication_off(self, x: torch.Tensor) -> None:
+        """Once per configuration, tell the other ranks replication is off here (a rank with it
+        on then gets a clear error instead of mismatched collectives)."""
+        if self._agreed_off or self.ep_size == 1 or self.ep_group is None:
+            return
+        self._agreed_off = True
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+        gather_step(counts, Fingerprint(SITE_OFF, self.config_hash), self.ep_group)
+
+
+def configure_autoep_layers(model: torch.nn.Module, config: ReplicationConfig, first_uid: int = 0) -> int:
+    """Apply ``config`` to every AutoEP layer of ``model`` (``configure_replication`` calls it).
+
+    Stock layers are adopted only when the section is enabled (a model that never enables
+    replication keeps AutoEP's own forward); adopted ones are re-configured either way.
+
+    Returns:
+        The number of layers configured.
+    """
+    layers = [m for m in model.modules() if isinstance(m, AutoEPMoELayer)]
+    todo = [m for m in layers if config.enabled or isinstance(m, ReplicatedAutoEPLayer)]
+    if todo and config.enabled:
+        check_transformers_for_autoep()
+    for i, layer in enumerate(todo):
+        ReplicatedAutoEPLayer.adopt(layer, config, uid=first_uid + i)
+    return len(todo)
