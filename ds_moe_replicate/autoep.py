@@ -23,8 +23,7 @@ rank sends, M rows this rank receives.
 
 from __future__ import annotations
 
-import hashlib
-from typing import Callable, List, Optional
+from typing import List
 
 import numpy as np
 import torch
@@ -40,36 +39,18 @@ from deepspeed.module_inject.auto_ep_layer import (
 )
 
 from . import ops
-from .comm import SITE_LAYER, SITE_OFF, Fingerprint, dtype_code, failure_code, gather_step, raise_failures
+from .comm import SITE_LAYER, Fingerprint, dtype_code, failure_code, gather_step, raise_failures
 from .compat import check_transformers_for_autoep
 from .config import ReplicationConfig, ReplicationConfigError
-from .dispatch import transport
-from .fetch import FetchSpec, fetch_replicas
 from .grouped_experts import ExpertSlice, expert_slices, replica_weights
-from .hooks import RemovableHandle, StatsHooks, StepStats, prediction_quality
-from .placement import Placement, plan_transfers
-from .planner import balancedness
-from .policy import Decision, ReplicationPolicy
+from .placement import Placement
+from .policy import Decision
 from .predictor import AHEAD, PREDICTORS
-from .replicas import ExpertLayout, ReplicaStore, ReplicaTable
-from .versions import weights_version
+from .replicas import ExpertLayout
+from .split import transport
+from .stage import ReplicationStage, StepState
 
 __all__ = ["ReplicatedAutoEPLayer", "configure_autoep_layers"]
-
-
-class _Step:
-    """What one forward has found so far (local to the call)."""
-
-    def __init__(self) -> None:
-        self.error: Optional[BaseException] = None
-        self.where = "bad input"
-        self.waited_ms = 0.0
-        self.moved = 0
-        self.received = 0
-
-    def fail(self, err: BaseException, where: str) -> None:
-        if self.error is None:
-            self.error, self.where = err, where
 
 
 def _return_rows(y_MH: torch.Tensor, recv_W: List[int], send_W: List[int], code: int, group):
@@ -90,7 +71,7 @@ def _return_rows(y_MH: torch.Tensor, recv_W: List[int], send_W: List[int], code:
     return back[keep], codes_W
 
 
-class ReplicatedAutoEPLayer(AutoEPMoELayer):
+class ReplicatedAutoEPLayer(ReplicationStage, AutoEPMoELayer):
     """``AutoEPMoELayer`` whose split sends hot experts' routes to replicas on other ranks."""
 
     @classmethod
@@ -114,13 +95,11 @@ class ReplicatedAutoEPLayer(AutoEPMoELayer):
             if layer.folding_group_handles is not None and layer.folding_group_handles.spec.tp_size > 1:
                 raise ReplicationConfigError("moe_replication does not support AutoEP with folded tensor parallelism")
             layer.__class__ = cls
-            layer.hooks = StatsHooks()
-            layer.last_stats = None
-            layer._changes = 0
-            layer._store = None
-            layer.register_load_state_dict_post_hook(lambda module, _keys: module.weights_changed())
+            layer.chain = None
+            layer._init_stage(replication)
+        else:
+            layer.configure(replication)
         layer.uid = uid
-        layer.configure(replication)
         return layer
 
     # ------------------------------------------------------------------------ configuration and state
@@ -131,54 +110,11 @@ class ReplicatedAutoEPLayer(AutoEPMoELayer):
             raise ReplicationConfigError(f"moe_replication.predictor {replication.predictor!r} predicts from an "
                                          "earlier layer, which AutoEP layers do not link yet; use 'ema', 'window' "
                                          "or 'oracle'")
-        if self._store is not None:
-            self._store.reset()
-        self.replication = replication
-        self.config_hash = int.from_bytes(hashlib.blake2b(replication.model_dump_json().encode(),
-                                                          digest_size=8).digest(), "little") >> 2
-        self.policy = ReplicationPolicy(replication, self.num_experts, self.ep_size)
-        self.table = ReplicaTable(self.policy.home.phy2log_P.size)
-        self._store = None
-        self._agreed_off = False
-        self.weights_changed()
-
-    def weights_changed(self) -> None:
-        """Every replica of this layer's home experts is stale from now on."""
-        self._changes += 1
-
-    def train(self, mode: bool = True):
-        self.weights_changed()
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        # NOTE: the slot buffers are plain tensors (not in state_dict); re-made on the next forward.
-        if self._store is not None:
-            self._store.reset()
-            self.table.cancel()
-        self.weights_changed()
-        return super()._apply(fn, *args, **kwargs)
-
-    def home_params(self) -> List[torch.Tensor]:
-        return [self.experts.w1, self.experts.w2, self.experts.w3]
-
-    def weights_version(self) -> int:
-        return weights_version(self.home_params(), self._changes)
-
-    def grad_step(self) -> bool:
-        """This forward computes gradients for the experts (copies then travel with the step)."""
-        return torch.is_grad_enabled() and any(p.requires_grad for p in self.home_params())
+        super().configure(replication)
 
     @property
-    def store(self) -> ReplicaStore:
-        if self._store is None:
-            self._store = ReplicaStore(ExpertSlice(self.experts, 0), self.policy.slots_per_rank,
-                                       self.replication.timeout_s)
-        self._store.ensure(self.experts.w1)
-        return self._store
-
-    def register_stats_hook(self, fn: Callable[[StepStats], None]) -> RemovableHandle:
-        """Call ``fn(stats)`` after every replicated forward; returns a handle with ``remove()``."""
-        return self.hooks.register(fn)
+    def home_experts(self) -> List[ExpertSlice]:
+        return expert_slices(self.experts)
 
     # ------------------------------------------------------------------------ the data path
 
@@ -192,7 +128,7 @@ class ReplicatedAutoEPLayer(AutoEPMoELayer):
         policy = self.policy
         grad = self.grad_step()
         store = self.store if (policy.enabled and not grad) else None
-        step = _Step()
+        step = StepState()
 
         # 1. route and count locally; one all-gather shares counts, errors, landing flags, weights
         # versions and the step's fingerprint (it replaces AutoEP's all-to-all of the counts).
@@ -237,7 +173,7 @@ class ReplicatedAutoEPLayer(AutoEPMoELayer):
         fetched = None
         if grad and placement.num_replicas and step.error is None:
             try:
-                fetched, anchor = self._fetch(placement, step)
+                fetched, anchor = self._fetch(placement, rank, group, step)
                 x_TH = x_TH + anchor
             except Exception as err:  # noqa: BLE001 - reported to every rank with the returned rows
                 step.fail(err, "replica transfer")
@@ -274,7 +210,7 @@ class ReplicatedAutoEPLayer(AutoEPMoELayer):
                 self._move(after, g.version_W, step)
         except Exception as err:  # noqa: BLE001 - reported to every rank with the returned rows
             step.fail(err, "replica transfer")
-        stats = self._stats(decision, global_E, g.counts_WE, send_WP, step, grad)
+        stats = self._stats(decision, g.counts_WE, send_WP, step, grad)
         if step.error is None:
             try:
                 self.last_stats = stats
@@ -296,7 +232,7 @@ class ReplicatedAutoEPLayer(AutoEPMoELayer):
 
     # ------------------------------------------------------------------------ steps of the data path
 
-    def _run_slots(self, rows_MH: torch.Tensor, mine_WC: np.ndarray, placement: Placement, fetched, step: _Step):
+    def _run_slots(self, rows_MH: torch.Tensor, mine_WC: np.ndarray, placement: Placement, fetched, step: StepState):
         """AutoEP's expert step over this rank's C slots (rows grouped by slot as AutoEP groups
         them by expert): home slots on the home weights, replica slots on their copies' weights;
         without replica rows here, exactly AutoEP's call on the home experts."""
@@ -310,7 +246,7 @@ class ReplicatedAutoEPLayer(AutoEPMoELayer):
         if fetched is None:
             weights = replica_weights(layout, self.store.buffers, range(S), S, self.experts.w1.dtype)
         else:
-            spec, buf_QN = fetched
+            spec, buf_QN, _ = fetched
             if spec.reqs:
                 spec.wait()
                 step.waited_ms += spec.waited_ms
@@ -321,91 +257,6 @@ class ReplicatedAutoEPLayer(AutoEPMoELayer):
         out = torch.cat([self.experts(rows[:cut], aligned_C[:e_loc]),
                          torch.func.functional_call(self.experts, weights, (rows[cut:], aligned_C[e_loc:]))])
         return unpermute_by_local_expert(out, perm, n)
-
-    def _decide(self, global_E: np.ndarray, g, store: Optional[ReplicaStore], grad: bool, step: _Step) -> Decision:
-        # NOTE: the policy advances alike on every rank even when a rank's transfer fails here
-        # (raised on every rank after the experts), so every rank splits over the same placement.
-        landed = bool(g.landed_W.all())
-        if store is not None and store.in_flight and landed:
-            try:
-                step.waited_ms += store.land()
-            except Exception as err:  # noqa: BLE001 - reported to every rank with the returned rows
-                step.fail(err, "replica transfer")
-            self.table.commit()
-        decision = self.policy.decide(global_E, landed, lambda pl: self.table.valid(pl, g.version_W), grad)
-        if decision.prefetch_now:
-            try:
-                self._move(decision.prefetch, g.version_W, step)
-                step.waited_ms += self.store.land()
-            except Exception as err:  # noqa: BLE001 - reported to every rank with the returned rows
-                step.fail(err, "replica transfer")
-            self.table.commit()
-            self.policy.land_pending()
-        return decision
-
-    def _move(self, new: Placement, version_W: np.ndarray, step: Optional[_Step] = None) -> None:
-        """Start moving the copies of ``new`` that are not resident and current."""
-        resident = new.without(~self.table.valid(new, version_W))
-        transfers = plan_transfers(resident, new)
-        self.policy.transfers += 1
-        received = self.store.start(transfers, expert_slices(self.experts), self.ep_rank, self.ep_group,
-                                    new.experts_per_rank, tag=self._tag())
-        self.table.begin(transfers, new, version_W)
-        if step is not None:
-            step.moved += len(transfers) * self.store.bytes_per_replica
-            step.received += received
-
-    def _fetch(self, placement: Placement, step: _Step):
-        transfers = plan_transfers(None, placement)
-        layout = ExpertLayout(ExpertSlice(self.experts, 0))
-        params = [p for e in expert_slices(self.experts) for p in e.parameters()]
-        self.policy.transfers += 1
-        spec = FetchSpec(transfers, self.ep_rank, self.ep_group, placement.experts_per_rank, len(layout.names),
-                         layout.numel, self.replication.timeout_s, tag=self._tag())
-        buf_QN, anchor = fetch_replicas(spec, params)
-        # Weights out and gradients back.
-        per_copy = layout.numel * params[0].element_size()
-        step.moved += 2 * len(transfers) * per_copy
-        step.received += 2 * buf_QN.shape[0] * per_copy
-        return (spec, buf_QN), anchor
-
-    def _tag(self) -> int:
-        """This layer's current point-to-point tag: equal on every rank, never an earlier one's."""
-        return (self.uid * 65521 + self.policy.transfers) % (1 << 24)
-
-    def _start_over(self) -> None:
-        """After a failed step (on every rank alike): replica state starts over from home."""
-        if self._store is not None:
-            self._store.reset(wait=False)
-        generation = self.policy.transfers
-        self.policy = ReplicationPolicy(self.replication, self.num_experts, self.ep_size)
-        self.policy.transfers = generation
-        self.table = ReplicaTable(self.policy.home.phy2log_P.size)
-
-    def _stats(self, decision: Decision, global_E, counts_WE, send_WP, step: _Step, grad: bool) -> StepStats:
-        placement = decision.placement
-        W = self.ep_size
-        rank_tokens_W = torch.from_numpy(send_WP.reshape(-1, W, placement.slots_per_rank_total).sum(axis=(0, 2)))
-        prediction = self.policy.prediction
-        l1, recall = prediction_quality(prediction, global_E, W)
-        return StepStats(
-            step=self.policy.step - 1, plan_version=placement.version, counts_E=torch.from_numpy(global_E),
-            rank_tokens_W=rank_tokens_W, balancedness=float(balancedness(rank_tokens_W)),
-            dropped_tokens=int(counts_WE.sum() - send_WP.sum()), num_replicas=placement.num_replicas,
-            replanned=decision.replanned, activated=decision.activated, bytes_moved=step.moved,
-            bytes_received=step.received, exposed_wait_ms=step.waited_ms, predictor=self.replication.predictor,
-            predicted_E=None if prediction is None else torch.from_numpy(np.asarray(prediction)),
-            prediction_l1=l1, hot_recall=recall, prefetch_late=decision.late, training=grad)
-
-    def _agree_replication_off(self, x: torch.Tensor) -> None:
-        """Once per configuration, tell the other ranks replication is off here (a rank with it
-        on then gets a clear error instead of mismatched collectives)."""
-        if self._agreed_off or self.ep_size == 1 or self.ep_group is None:
-            return
-        self._agreed_off = True
-        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
-        gather_step(counts, Fingerprint(SITE_OFF, self.config_hash), self.ep_group)
-
 
 def configure_autoep_layers(model: torch.nn.Module, config: ReplicationConfig, first_uid: int = 0) -> int:
     """Apply ``config`` to every AutoEP layer of ``model`` (``configure_replication`` calls it).

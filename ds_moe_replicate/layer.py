@@ -14,7 +14,6 @@ C slots per rank (E_loc + S), P = W * C, M rows received by this rank.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Callable, List, Mapping, Optional, Union
 
 import numpy as np
@@ -25,7 +24,6 @@ from torch import nn
 
 from .comm import (
     SITE_LAYER,
-    SITE_OFF,
     Fingerprint,
     dtype_code,
     failure_code,
@@ -36,109 +34,35 @@ from .comm import (
 )
 from .config import ReplicationConfig, ReplicationConfigError
 from .dispatch import combine, dispatch
-from .fetch import FetchSpec, fetch_replicas
 from .gating import Routes, capacity_per_expert, drop_over_capacity, normalized_weight_TK, route
-from .hooks import RemovableHandle, StatsHooks, StepStats, step_stats
+from .hooks import RemovableHandle, StepStats
 from .lookahead import Chain, attach_entry
-from .placement import Placement, plan_transfers
-from .policy import Decision, ReplicationPolicy
-from .predictor import AHEAD, PREDICTORS, EmaPredictor, name_of
-from .replicas import ExpertLayout, ReplicaStore, ReplicaTable
+from .placement import Placement
+from .policy import Decision
+from .predictor import AHEAD, PREDICTORS
 from .split import capacity_transport, transport
-from .versions import weights_version
+from .stage import ReplicationStage, StepState
 
 __all__ = ["ReplicatedMoE", "ReplicatedMOELayer", "configure_replication"]
 
 ReplicationArg = Union[ReplicationConfig, Mapping[str, Any], None]
 
 
-class _Step:
-    """What one forward has found so far (local to the call)."""
-
-    def __init__(self) -> None:
-        self.error: Optional[BaseException] = None
-        self.where = "bad input"
-        self.waited_ms = 0.0
-        self.moved = 0
-        self.received = 0
-
-    def fail(self, err: BaseException, where: str) -> None:
-        if self.error is None:
-            self.error, self.where = err, where
-
-
-class ReplicatedMOELayer(MOELayer):
+class ReplicatedMOELayer(ReplicationStage, MOELayer):
     """``MOELayer`` whose forward splits hot experts' tokens among replicas."""
 
     def __init__(self, stock: MOELayer, num_experts: int, replication: ReplicationConfig) -> None:
         super().__init__(stock.gate, stock.experts, stock.ep_group_name, stock.ep_size, stock.num_local_experts,
                          use_tutel=stock.use_tutel)
         self.num_experts = num_experts
-        self.hooks = StatsHooks()
-        self.last_stats: Optional[StepStats] = None
-        self.runs = 0
-        self.uid = 0  # position among the model's replicated layers (configure_replication)
         self.chain: Optional[Chain] = None
-        self._changes = 0
-        self._store: Optional[ReplicaStore] = None
-        self.configure(replication)
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.weights_changed())
+        self._init_stage(replication)
 
     # ------------------------------------------------------------------------ configuration and state
-
-    def configure(self, replication: ReplicationConfig) -> None:
-        """Switch config; replica state starts over from the home placement on the next step."""
-        if self._store is not None:
-            self._store.reset()
-        self.replication = replication
-        self.config_hash = int.from_bytes(hashlib.blake2b(replication.model_dump_json().encode(),
-                                                          digest_size=8).digest(), "little") >> 2
-        self.policy = ReplicationPolicy(replication, self.num_experts, self.ep_size)
-        self.table = ReplicaTable(self.policy.home.phy2log_P.size)
-        self._store = None
-        self._agreed_off = False
-        self.runs = 0
-        self.weights_changed()
-
-    def weights_changed(self) -> None:
-        """Every replica of this layer's home experts is stale from now on (called by
-        ``load_state_dict``, ``.to()``/``.half()``, ``train()``/``eval()``; call it after
-        editing expert weights through ``param.data``)."""
-        self._changes += 1
-
-    def train(self, mode: bool = True):
-        self.weights_changed()
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        # NOTE: the slot buffers are plain tensors (not in state_dict); they are re-made on the
-        # next forward where the experts now live, and every copy is refreshed.
-        if self._store is not None:
-            self._store.reset()
-            self.table.cancel()
-        self.weights_changed()
-        return super()._apply(fn, *args, **kwargs)
 
     @property
     def home_experts(self) -> List[nn.Module]:
         return list(self.experts.deepspeed_experts)
-
-    def home_params(self) -> List[torch.Tensor]:
-        return [p for e in self.home_experts for p in e.parameters()]
-
-    def weights_version(self) -> int:
-        return weights_version(self.home_params(), self._changes)
-
-    def grad_step(self) -> bool:
-        """This forward computes gradients for the experts (copies then travel with the step)."""
-        return torch.is_grad_enabled() and any(p.requires_grad for p in self.home_params())
-
-    @property
-    def store(self) -> ReplicaStore:
-        if self._store is None:
-            self._store = ReplicaStore(self.home_experts[0], self.policy.slots_per_rank, self.replication.timeout_s)
-        self._store.ensure(next(self.home_experts[0].parameters()))
-        return self._store
 
     # ------------------------------------------------------------------------ lookahead node
 
@@ -178,10 +102,10 @@ class ReplicatedMOELayer(MOELayer):
             parts = torch.empty(self.ep_size, dtype=torch.int64, device=version.device)
             torch.distributed.all_gather_into_tensor(parts, version, group=group)
             version_W = parts.cpu().numpy()
-        if self.policy.pending is not None:
+        if self.store.in_flight:
             self.store.land()
             self.table.commit()
-            self.policy.land_pending()
+        self.policy.land_pending()
         self.policy.pending = placement
         self._move(placement, version_W)
         self.store.land()
@@ -210,7 +134,7 @@ class ReplicatedMOELayer(MOELayer):
             self.chain.link(self)
         grad = self.grad_step()
         store = self.store if (policy.enabled and not grad) else None
-        step = _Step()
+        step = StepState()
 
         # 1. gate and count locally (and the loads of the layer this one predicts); one all-gather
         # shares counts, errors, landing flags, weights versions and the step's fingerprint.
@@ -337,62 +261,6 @@ class ReplicatedMOELayer(MOELayer):
         taken = routes.expert_TK[routes.expert_TK >= 0]
         return x_TH, routes, torch.bincount(taken, minlength=self.num_experts)
 
-    def _decide(self, global_E: np.ndarray, g, store: Optional[ReplicaStore], grad: bool, step: _Step) -> Decision:
-        # NOTE: the policy's state advances alike on every rank even when a rank's transfer
-        # fails here (the failure is raised on every rank at the combine), so that every rank
-        # still splits over the same placement and the exchanges keep their agreed sizes.
-        landed = bool(g.landed_W.all())
-        if grad and self.policy.pending is not None:
-            # Copies prefetched by earlier steps without gradients: finish them (every rank has
-            # them in flight), so the store is idle; this step's copies travel with it.
-            store, landed = self.store, True
-        if store is not None and store.in_flight and landed:
-            try:
-                step.waited_ms += store.land()
-            except Exception as err:  # noqa: BLE001 - reported to every rank through combine
-                step.fail(err, "replica transfer")
-            self.table.commit()
-        decision = self.policy.decide(global_E, landed, lambda pl: self.table.valid(pl, g.version_W), grad)
-        if decision.prefetch_now:
-            try:
-                self._move(decision.prefetch, g.version_W, step)
-                step.waited_ms += self.store.land()
-            except Exception as err:  # noqa: BLE001 - reported to every rank through combine
-                step.fail(err, "replica transfer")
-            self.table.commit()
-            self.policy.land_pending()
-        return decision
-
-    def _start_over(self) -> None:
-        """After a failed step (on every rank alike): replica state starts over from the home
-        placement; transfers in flight are abandoned (their tags are never reused)."""
-        if self._store is not None:
-            self._store.reset(wait=False)
-        generation = self.policy.transfers
-        self.policy = ReplicationPolicy(self.replication, self.num_experts, self.ep_size)
-        self.policy.transfers = generation
-        self.table = ReplicaTable(self.policy.home.phy2log_P.size)
-        if self.chain is not None and self.chain.is_driven(self):
-            self.policy.driven = True
-
-    def _move(self, new: Placement, version_W: np.ndarray, step: Optional[_Step] = None) -> None:
-        """Start moving the copies of ``new`` that are not resident and current."""
-        resident = new.without(~self.table.valid(new, version_W))
-        transfers = plan_transfers(resident, new)
-        group = self.ep_group
-        self.policy.transfers += 1
-        received = self.store.start(transfers, self.home_experts, group_rank(group), group, new.experts_per_rank,
-                                    tag=self._tag())
-        self.table.begin(transfers, new, version_W)
-        if step is not None:
-            step.moved += len(transfers) * self.store.bytes_per_replica
-            step.received += received
-
-    def _tag(self) -> int:
-        """The point-to-point tag of this layer's current transfer: the same on every rank, and
-        never that of an earlier (possibly abandoned) transfer of this layer."""
-        return (self.uid * 65521 + self.policy.transfers) % (1 << 24)
-
     def _split(self, counts_WE: np.ndarray, tokens_W: np.ndarray, placement: Placement) -> np.ndarray:
         cfg = self.replication
         if cfg.dropless:
@@ -402,21 +270,7 @@ class ReplicatedMOELayer(MOELayer):
                                          self.gate.min_capacity)
         return capacity_transport(counts_WE, capacity_W, placement, cfg.prefer_local)
 
-    def _fetch(self, placement: Placement, rank: int, group, step: _Step):
-        layout = ExpertLayout(self.home_experts[0])
-        transfers = plan_transfers(None, placement)
-        params = self.home_params()
-        self.policy.transfers += 1
-        spec = FetchSpec(transfers, rank, group, placement.experts_per_rank, len(layout.names), layout.numel,
-                         self.replication.timeout_s, tag=self._tag())
-        buf_QN, anchor = fetch_replicas(spec, params)
-        # Weights out and gradients back.
-        per_copy = layout.numel * params[0].element_size()
-        step.moved += 2 * len(transfers) * per_copy
-        step.received += 2 * buf_QN.shape[0] * per_copy
-        return (spec, buf_QN, layout), anchor
-
-    def _run_slots(self, rows_MH: torch.Tensor, slot_rows_C, placement: Placement, fetched, step: _Step):
+    def _run_slots(self, rows_MH: torch.Tensor, slot_rows_C, placement: Placement, fetched, step: StepState):
         """Every home expert on its rows (also on none, so that each gets a gradient, as in the
         stock layer), then each replica slot on its rows."""
         e_loc = placement.experts_per_rank
@@ -434,7 +288,7 @@ class ReplicatedMOELayer(MOELayer):
             outs.append(y[0] if isinstance(y, tuple) else y)
         return torch.cat(outs) if outs else torch.zeros_like(rows_MH)
 
-    def _run_replica(self, slot: int, chunk: torch.Tensor, placement: Placement, fetched, step: _Step):
+    def _run_replica(self, slot: int, chunk: torch.Tensor, placement: Placement, fetched, step: StepState):
         template = self.home_experts[0]
         if fetched is None:
             params = self.store.params(slot)
@@ -446,24 +300,6 @@ class ReplicatedMOELayer(MOELayer):
             row = [t.slot for t in spec.received].index(slot)
             params = layout.named(buf_QN[row])
         return torch.func.functional_call(template, params, (chunk,))
-
-    def _stats(self, decision: Decision, counts_WE, send_WP, step: _Step, grad: bool) -> StepStats:
-        policy = self.policy
-        return step_stats(policy.step - 1, decision.placement, counts_WE, send_WP, policy.prediction,
-                          replanned=decision.replanned, activated=decision.activated, bytes_moved=step.moved,
-                          bytes_received=step.received, exposed_wait_ms=step.waited_ms,
-                          predictor=self.replication.predictor if policy.source == policy.predictor.source
-                          else name_of(EmaPredictor),
-                          prefetch_late=decision.late, training=grad)
-
-    def _agree_replication_off(self, x: torch.Tensor) -> None:
-        """Once per configuration, tell the other ranks that replication is off here: a rank with
-        it on gets a clear error instead of mismatched collectives."""
-        if self._agreed_off or self.ep_size == 1 or self.ep_group is None:
-            return
-        self._agreed_off = True
-        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
-        gather_step(counts, Fingerprint(SITE_OFF, self.config_hash), self.ep_group)
 
 
 class ReplicatedMoE(MoE):
