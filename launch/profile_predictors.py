@@ -20,7 +20,7 @@ from collections import defaultdict
 
 import torch.distributed as dist
 
-from ds_moe_replicate import controller, dispatch, layer, lookahead, replicas
+from ds_moe_replicate import dispatch, layer, lookahead, policy, replicas, stage
 from ds_moe_replicate.bench import predictors
 
 TOTAL_MS = defaultdict(float)  # "predictor/name" -> ms
@@ -76,17 +76,19 @@ def install() -> None:
     _wrap(lookahead, "predict_counts", "lookahead: next layer's gate")
     _wrap(lookahead.EntryHook, "__call__", "lookahead: entry hook (gate + all-gather + prefetch)")
     lookahead.EntryHook.__call__ = _tracking(lookahead.EntryHook.__call__,
-                                             lambda self: self.moe_layer.replication.predictor)
+                                             lambda self: self.chain.next_of(self).replication.predictor)
     _wrap(layer, "gather_step", "all-gather of counts (layer)")
     _wrap(lookahead, "gather_step", "all-gather of counts (entry hook)")
-    _wrap(controller.ReplicationController, "prefetch", "prefetch (plan + start transfers)")
-    _wrap(controller, "plan_replicas", "plan_replicas")
-    _wrap(controller.ReplicationController, "settle", "settle (land transfers)")
-    _wrap(controller.ReplicationController, "poll", "poll transfers")
+    _wrap(policy.ReplicationPolicy, "offer", "policy.offer (plan for a prediction ahead)")
+    _wrap(policy.ReplicationPolicy, "decide", "policy.decide")
+    _wrap(policy.ReplicationPolicy, "close", "policy.close (history re-plan)")
+    _wrap(policy, "plan_replicas", "plan_replicas")
+    _wrap(policy, "replan", "replan (incremental)")
+    _wrap(stage.ReplicationStage, "_move", "move copies (plan transfers + start)")
+    _wrap(replicas.ReplicaStore, "poll", "poll transfers")
     _wrap(replicas.ReplicaStore, "start", "store.start (post sends/recvs)")
     _wrap(replicas.ReplicaStore, "land", "store.land (wait for weights)")
-    replicas.ReplicaStore.flatten = staticmethod(_timed("store.start: flatten home weights",
-                                                        replicas.ReplicaStore.flatten))
+    replicas.flatten_expert = _timed("store.start: flatten home weights", replicas.flatten_expert)
     replicas.dist = _TimedDist(replicas.dist)
     _wrap(layer, "transport", "split (transport)")
     _wrap(layer, "dispatch", "dispatch (permute + all-to-all)")

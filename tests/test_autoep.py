@@ -16,7 +16,8 @@ from ds_moe_replicate.testing import run_ranks
 W = 2
 
 
-@pytest.mark.parametrize("family,via", [("mixtral", "initialize"), ("qwen3_moe", "configure")])
+@pytest.mark.parametrize("via", ["initialize", "configure"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_eval_logits_equal_autoep_with_replicas_active(family, via):
     runs = run_ranks(eval_equal, W, family, via)
     for run in runs:
@@ -27,7 +28,8 @@ def test_eval_logits_equal_autoep_with_replicas_active(family, via):
     assert max(r.tampered_diff for r in runs) > 1e-3, "replica slots computed no rows (a wrong copy went unseen)"
 
 
-@pytest.mark.parametrize("family,zero,via", [("mixtral", 0, "initialize"), ("qwen3_moe", 2, "configure")])
+@pytest.mark.parametrize("family,zero,via", [("mixtral", 0, "initialize"), ("mixtral", 2, "configure"),
+                                             ("qwen3_moe", 0, "configure"), ("qwen3_moe", 2, "initialize")])
 def test_training_matches_autoep(family, zero, via):
     for run in run_ranks(train_equal, W, family, zero, via, 10):
         assert len(run.rep_losses) == 10 and all(r > 0 for r in run.replicas[1:]), run.replicas

@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--ffn", type=int, default=2048)
     ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=2048, help="tokens per rank per step")
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens per rank per step (the layer benchmark's size)")
     ap.add_argument("-k", type=int, default=1)
     ap.add_argument("--workloads", default="uniform,hot43,hot76")
     ap.add_argument("--predictors", default="ema,oracle", help="replicated modes to run (history or now predictors)")
