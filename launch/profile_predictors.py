@@ -67,6 +67,11 @@ class _TimedDist:
         return getattr(self._real, name)
 
 
+def _entry_predictor(hook) -> str:
+    nxt = hook.chain.next_of(hook)
+    return "unlinked" if nxt is None else nxt.replication.predictor
+
+
 def install() -> None:
     """Wrap every timed function where its callers look it up."""
     _wrap(layer.ReplicatedMOELayer, "_replicated_forward", FORWARD)
@@ -76,7 +81,7 @@ def install() -> None:
     _wrap(lookahead, "predict_counts", "lookahead: next layer's gate")
     _wrap(lookahead.EntryHook, "__call__", "lookahead: entry hook (gate + all-gather + prefetch)")
     lookahead.EntryHook.__call__ = _tracking(lookahead.EntryHook.__call__,
-                                             lambda self: self.chain.next_of(self).replication.predictor)
+                                             lambda self: _entry_predictor(self))
     _wrap(layer, "gather_step", "all-gather of counts (layer)")
     _wrap(lookahead, "gather_step", "all-gather of counts (entry hook)")
     _wrap(policy.ReplicationPolicy, "offer", "policy.offer (plan for a prediction ahead)")
