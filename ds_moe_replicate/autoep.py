@@ -107,9 +107,9 @@ class ReplicatedAutoEPLayer(ReplicationStage, AutoEPMoELayer):
     def configure(self, replication: ReplicationConfig) -> None:
         """Switch config; replica state starts over from the home placement on the next step."""
         if replication.enabled and PREDICTORS[replication.predictor].source == AHEAD:
+            usable = sorted(name for name, cls in PREDICTORS.items() if cls.source != AHEAD)
             raise ReplicationConfigError(f"moe_replication.predictor {replication.predictor!r} predicts from an "
-                                         "earlier layer, which AutoEP layers do not link yet; use 'ema', 'window' "
-                                         "or 'oracle'")
+                                         f"earlier layer, which AutoEP layers do not link yet; use one of {usable}")
         super().configure(replication)
 
     @property

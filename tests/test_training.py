@@ -25,8 +25,9 @@ def test_two_ranks_fp32_every_zero_stage(zero):
         _check(run, 20)
 
 
-def test_four_ranks_zero2():
-    for run in run_ranks(tw.train_pair, 4, 2, "fp32", 0, 20, timeout=400):
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_four_ranks_fp32_every_zero_stage(zero):
+    for run in run_ranks(tw.train_pair, 4, zero, "fp32", 0, 20, timeout=400):
         _check(run, 20)
 
 

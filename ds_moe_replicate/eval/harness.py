@@ -22,7 +22,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -251,17 +251,23 @@ def _gather(obj):
     return out
 
 
+def resolve_modes(args: EvalArgs, known) -> Tuple[List[str], ReplicationConfig]:
+    """The modes to run (``baseline`` first) and the replicated mode's section: the config file's
+    as it is (absent: replication off), or without a file ``DEFAULT_REPLICATION`` (on)."""
+    modes = ["baseline"] + [m for m in args.modes if m != "baseline"]
+    unknown = set(modes) - set(known)
+    if unknown:
+        raise ValueError(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(known)}")
+    replication = (ReplicationConfig.from_ds_config(args.deepspeed_config) if args.deepspeed_config
+                   else ReplicationConfig.coerce(DEFAULT_REPLICATION))
+    return modes, replication
+
+
 def run_eval(args: EvalArgs) -> Optional[Dict[str, Any]]:
     """Fine-tune (optionally) and evaluate every mode; returns the report on rank 0 (None elsewhere)."""
     rank, world = _rank_world()
     ep_size = args.ep_size or world
-    modes = ["baseline"] + [m for m in args.modes if m != "baseline"]
-    unknown = set(modes) - set(MODES)
-    if unknown:
-        raise ValueError(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
-    # The config file's section as it is (absent: replication off); without a file, replication on.
-    replication = (ReplicationConfig.from_ds_config(args.deepspeed_config) if args.deepspeed_config
-                   else ReplicationConfig.coerce(DEFAULT_REPLICATION))
+    modes, replication = resolve_modes(args, MODES)
     t_start = time.perf_counter()
     model, tokenizer = load_model(args.model, args.seed)
     hf_capacity = None

@@ -191,14 +191,9 @@ def run_lm_eval(args) -> Optional[Dict[str, Any]]:
     """
     rank, world = _rank_world()
     W = args.ep_size or world
-    modes = ["baseline"] + [m for m in args.modes if m != "baseline"]
-    unknown = set(modes) - set(LM_MODES)
-    if unknown:
-        raise ValueError(f"unknown mode(s) {sorted(unknown)} for --task stdlib; choose from {', '.join(LM_MODES)}")
-    from .harness import DEFAULT_REPLICATION
+    from .harness import resolve_modes
 
-    replication = (ReplicationConfig.from_ds_config(args.deepspeed_config) if args.deepspeed_config
-                   else ReplicationConfig.coerce(DEFAULT_REPLICATION))
+    modes, replication = resolve_modes(args, LM_MODES)
     t_start = time.perf_counter()
     cfg, full = _load(args.model)
     seq = min(args.max_len, cfg.seq)
