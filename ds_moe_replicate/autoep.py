@@ -144,7 +144,8 @@ class ReplicatedAutoEPLayer(ReplicationStage, AutoEPMoELayer):
         except Exception as err:  # noqa: BLE001 - re-raised on every rank by gather_step
             step.fail(err, "bad input")
         fingerprint = Fingerprint(SITE_LAYER, self.config_hash, policy.active.version, policy.active.digest(),
-                                  int(grad) + 2 * int(self.training), dtype_code(x_TH.dtype), 0)
+                                  int(grad) + 2 * int(self.training) + 4 * int(x_TH.requires_grad),
+                                  dtype_code(x_TH.dtype), 0)
         landed = True
         try:
             landed = store is None or store.poll()
@@ -170,11 +171,14 @@ class ReplicatedAutoEPLayer(ReplicationStage, AutoEPMoELayer):
         recv_W = mine_WC.sum(axis=1).tolist()
 
         # 4. with gradients, the copies' weights travel with the step (overlapping the dispatch).
-        fetched = None
+        fetched, anchor_out = None, None
         if grad and placement.num_replicas and step.error is None:
             try:
                 fetched, anchor = self._fetch(placement, rank, group, step)
-                x_TH = x_TH + anchor
+                if x_TH.requires_grad:
+                    x_TH = x_TH + anchor  # orders the gradient return after the dispatch's backward
+                else:
+                    anchor_out = anchor  # no backward through the dispatch: anchor the output instead
             except Exception as err:  # noqa: BLE001 - reported to every rank with the returned rows
                 step.fail(err, "replica transfer")
 
@@ -228,6 +232,8 @@ class ReplicatedAutoEPLayer(ReplicationStage, AutoEPMoELayer):
                                      score_apply=self.score_apply,
                                      combine_impl="legacy_bmm" if self.combine_impl == "legacy_bmm" else "weighted_sum",
                                      shape=(bsz, seqlen, hdim))
+        if anchor_out is not None:
+            output = output + anchor_out
         return self._finalize_output(output, x_TH, hidden_states, hdim)
 
     # ------------------------------------------------------------------------ steps of the data path

@@ -105,7 +105,9 @@ class Fingerprint:
         config: hash of the ``moe_replication`` section.
         plan_version / placement: version and digest of the placement that serves the step.
         grad_mode: 1 when replica weights travel with the step and gradients go home, else 0;
-            plus 2 in train() mode.
+            plus 2 in train() mode, plus 4 when the layer's input requires a gradient (the
+            gradient return is then ordered after the dispatch's backward, else after the
+            combine's: ranks must agree).
         dtype: code of the input dtype.
         links: lookahead wiring of the layer (experts of the layer it predicts, 0 if none;
             plus 1 << 20 when a previous layer predicts it).

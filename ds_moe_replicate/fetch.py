@@ -9,9 +9,10 @@ parameters only, and replicas hold no optimizer state. The weights travel with e
 copy can never compute with weights older than its home's (docs/design.md, "Training").
 
 Ordering (docs/design.md, "Never hang"): the function also returns a zero ``anchor`` that the
-layer adds to its tokens before the dispatch all-to-all. Its backward therefore runs after the
-dispatch all-to-all's backward on every rank, so every rank issues the gradient exchange at the
-same point of its backward, whatever else its graph holds.
+layer adds to its tokens before the dispatch all-to-all (to its output when its input needs no
+gradient, so that no backward through the dispatch is added). Its backward therefore runs after
+the dispatch all-to-all's backward (or the combine's) on every rank, so every rank issues the
+gradient exchange at the same point of its backward, and every rank's backward calls it.
 
 Legend: N flat parameters of one expert, Q copies this rank receives.
 """

@@ -148,7 +148,8 @@ class ReplicatedMOELayer(ReplicationStage, MOELayer):
             step.fail(err, step.where)
         nxt = self.chain.next_of(self) if self.chain is not None else None
         fingerprint = Fingerprint(SITE_LAYER, self.config_hash, policy.active.version, policy.active.digest(),
-                                  int(grad) + 2 * int(self.training), dtype_code(x.dtype), self._links())
+                                  int(grad) + 2 * int(self.training) + 4 * int(x.requires_grad), dtype_code(x.dtype),
+                                  self._links())
         landed = True
         try:
             # NOTE: asked as late as possible, so that transfers have the gate's time to finish too.
@@ -180,11 +181,14 @@ class ReplicatedMOELayer(ReplicationStage, MOELayer):
         weight_TK = normalized_weight_TK(Routes(expert_TK, routes.weight_TK, routes.l_aux, routes.exp_counts_E), k)
 
         # 4. with gradients, the copies' weights travel with the step (overlapping the dispatch).
-        fetched = None
+        fetched, anchor_out = None, None
         if grad and placement.num_replicas and step.error is None:
             try:
                 fetched, anchor = self._fetch(placement, rank, group, step)
-                x_TH = x_TH + anchor
+                if x_TH.requires_grad:
+                    x_TH = x_TH + anchor  # orders the gradient return after the dispatch's backward
+                else:
+                    anchor_out = anchor  # no backward through the dispatch: anchor the output instead
             except Exception as err:  # noqa: BLE001 - reported to every rank through combine
                 step.fail(err, "replica transfer")
 
@@ -222,6 +226,8 @@ class ReplicatedMOELayer(ReplicationStage, MOELayer):
         raise_failures(codes_W, step.error, rank)
         self.runs += 1
         self.l_aux, self.exp_counts = routes.l_aux, routes.exp_counts_E
+        if anchor_out is not None:
+            out_TH = out_TH + anchor_out
         return out_TH.reshape(x.shape)
 
     # ------------------------------------------------------------------------ steps of the data path
