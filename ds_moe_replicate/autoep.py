@@ -173,14 +173,7 @@ class ReplicatedAutoEPLayer(ReplicationStage, AutoEPMoELayer):
         # 4. with gradients, the copies' weights travel with the step (overlapping the dispatch).
         fetched, anchor_out = None, None
         if grad and placement.num_replicas and step.error is None:
-            try:
-                fetched, anchor = self._fetch(placement, rank, group, step)
-                if x_TH.requires_grad:
-                    x_TH = x_TH + anchor  # orders the gradient return after the dispatch's backward
-                else:
-                    anchor_out = anchor  # no backward through the dispatch: anchor the output instead
-            except Exception as err:  # noqa: BLE001 - reported to every rank with the returned rows
-                step.fail(err, "replica transfer")
+            fetched, x_TH, anchor_out = self._travel(x_TH, placement, rank, group, step)
 
         # 5. routes in send order (by physical slot, route order within a slot), AutoEP's all-to-all.
         order_N = torch.zeros(sum(send_W), dtype=torch.int64, device=x_TH.device)

@@ -7,7 +7,7 @@ from typing import Any, List, Optional
 
 import torch.distributed as dist
 
-__all__ = ["markdown_table", "report"]
+__all__ = ["markdown_table", "report", "write_json"]
 
 
 def markdown_table(header: List[str], rows: List[List[str]]) -> str:
@@ -25,3 +25,12 @@ def report(settings: str, table_md: str, rows: List[Any], json_path: Optional[st
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(rows, fh, indent=1)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path``, creating its folder."""
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2)

@@ -185,6 +185,24 @@ class ReplicationStage:
         step.received += 2 * buf_QN.shape[0] * per_copy
         return (spec, buf_QN, layout), anchor
 
+    def _travel(self, x_TH: torch.Tensor, placement: Placement, rank: int, group, step: StepState):
+        """With gradients: start the copies' weights travelling with the step (``fetch.py``) and
+        place the anchor that orders their gradients' return — on the tokens before the dispatch,
+        or on the layer's output when the tokens need no gradient (adding it to them would make
+        autograd compute an input gradient the stock layer skips).
+
+        Returns:
+            (what ``_fetch`` returned or None on failure, the tokens, the output's anchor or None).
+        """
+        try:
+            fetched, anchor = self._fetch(placement, rank, group, step)
+        except Exception as err:  # noqa: BLE001 - reported to every rank with the step's status
+            step.fail(err, "replica transfer")
+            return None, x_TH, None
+        if x_TH.requires_grad:
+            return fetched, x_TH + anchor, None
+        return fetched, x_TH, anchor
+
     def _stats(self, decision: Decision, counts_WE, send_WP, step: StepState, grad: bool) -> StepStats:
         policy = self.policy
         return step_stats(policy.step - 1, decision.placement, counts_WE, send_WP, policy.prediction,

@@ -17,9 +17,7 @@ Legend: B batch, L sparse layers, E experts, W expert-parallel ranks, V vocabula
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -33,6 +31,7 @@ from ..config import ReplicationConfig
 from ..hf import DeepSpeedMoEBlock, find_moe_blocks, replace_moe_blocks, set_switch_capacity
 from ..layer import ReplicatedMoE
 from ..planner import balancedness
+from ..report import write_json
 from ..runtime import all_reduce, median, timed
 from .metrics import compute_metrics
 from .models import TINY_SWITCH, answer_logits, class_logits, collate, load_model, model_logits
@@ -311,9 +310,7 @@ def run_eval(args: EvalArgs) -> Optional[Dict[str, Any]]:
         "seconds": round(time.perf_counter() - t_start, 1), "args": asdict(args),
     }
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2)
+        write_json(args.out, report)
     return report
 
 

@@ -30,7 +30,6 @@ Legend: B windows per batch, S positions, V bytes (256), N windows, D documents,
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -44,6 +43,7 @@ from torch import nn
 
 from ..byte_lm import ByteLM, ByteLMConfig, LocalMoE, build_byte_lm, load_full_state_dict
 from ..config import ReplicationConfig
+from ..report import write_json
 from ..routing_observer import RoutingObserver
 from ..runtime import all_reduce, timed
 from ..stdlib_text import load_corpus
@@ -237,9 +237,7 @@ def run_lm_eval(args) -> Optional[Dict[str, Any]]:
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2)
+        write_json(args.out, report)
     return report
 
 
