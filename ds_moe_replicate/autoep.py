@@ -5,7 +5,7 @@ for ``AutoEPMoELayer`` inside ``deepspeed.initialize``: router -> ragged all-to-
 experts -> combine. This subclass changes two things only:
 
 - the split plan: routes go to physical slots (home experts + replica slots, ``Placement``), the
-  counts of each slot from ``transport`` on the step's gathered counts, instead of one slot per
+  counts of each slot from ``transport_rank`` on the step's gathered counts, instead of one slot per
   expert;
 - the expert step: AutoEP's grouped experts run over home rows and replica rows at once, a
   replica slot with its copy's weights (slices of the grouped tensors, ``grouped_experts.py``).
@@ -47,7 +47,7 @@ from .placement import Placement
 from .policy import Decision
 from .predictor import AHEAD, PREDICTORS
 from .replicas import ExpertLayout
-from .split import transport
+from .split import transport_rank
 from .stage import ReplicationStage, StepState
 
 __all__ = ["ReplicatedAutoEPLayer", "configure_autoep_layers"]
@@ -153,7 +153,7 @@ class ReplicatedAutoEPLayer(ReplicationStage, AutoEPMoELayer):
             step.fail(err, "replica transfer")
         g = gather_step(counts_E, fingerprint, group, tokens=x_TH.shape[0], error=step.error, where=step.where,
                         landed=landed, version=self.weights_version())
-        global_E = g.counts_WE.sum(axis=0)
+        global_E = g.total_E
 
         # 2. decide which placement serves.
         decision = Decision(policy.active)
@@ -165,9 +165,9 @@ class ReplicatedAutoEPLayer(ReplicationStage, AutoEPMoELayer):
 
         # 3. the split plan: each expert's routes among its copies (the same integers on every rank).
         C = placement.slots_per_rank_total
-        send_WP = transport(g.counts_WE, placement, self.replication.prefer_local)
-        send_W = send_WP.reshape(-1, placement.ep_size, C).sum(axis=2)[rank].tolist()
-        mine_WC = send_WP[:, rank * C:(rank + 1) * C]
+        split = transport_rank(g.counts_WE, placement, rank, self.replication.prefer_local, total_E=global_E)
+        send_W = split.send_P.reshape(placement.ep_size, C).sum(axis=1).tolist()
+        mine_WC = split.recv_WC
         recv_W = mine_WC.sum(axis=1).tolist()
 
         # 4. with gradients, the copies' weights travel with the step (overlapping the dispatch).
@@ -180,7 +180,7 @@ class ReplicatedAutoEPLayer(ReplicationStage, AutoEPMoELayer):
         routed_NH = x_TH.new_zeros((sum(send_W), hdim))
         if step.error is None:
             try:
-                send_P = torch.from_numpy(send_WP[rank]).to(x_TH.device)
+                send_P = torch.from_numpy(split.send_P).to(x_TH.device)
                 copies_ER = torch.from_numpy(placement.log2phy_ER.copy()).to(x_TH.device)
                 _, _, order_N = ops.assign_slots(ro.selected_experts.to(torch.int64), send_P, copies_ER,
                                                  kernels="torch")
@@ -207,11 +207,10 @@ class ReplicatedAutoEPLayer(ReplicationStage, AutoEPMoELayer):
                 self._move(after, g.version_W, step)
         except Exception as err:  # noqa: BLE001 - reported to every rank with the returned rows
             step.fail(err, "replica transfer")
-        stats = self._stats(decision, g.counts_WE, send_WP, step, grad)
+        stats = self._stats(decision, global_E, split, step, grad)
         if step.error is None:
             try:
-                self.last_stats = stats
-                self.hooks(stats)
+                self._publish_stats(stats)
             except Exception as err:  # noqa: BLE001 - reported to every rank with the returned rows
                 step.fail(err, "stats hook")
 

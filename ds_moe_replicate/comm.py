@@ -15,11 +15,13 @@ Legend: W expert-parallel ranks, E logical experts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from . import native
 
 __all__ = ["ReplicationError", "expert_parallel_group", "group_size", "group_rank", "global_rank", "Fingerprint",
            "Gathered", "gather_step", "all_to_all", "raise_failures", "failure_code", "FAILURES", "dtype_code",
@@ -96,9 +98,9 @@ _SITES = {SITE_LAYER: "a replicated MoE layer", SITE_ENTRY: "the lookahead entry
           SITE_OFF: "an MoE layer with replication off"}
 
 
-@dataclass(frozen=True)
-class Fingerprint:
-    """What every rank must agree on at a step; gathered and compared field by field.
+class Fingerprint(NamedTuple):
+    """What every rank must agree on at a step; gathered and compared field by field (a named
+    tuple: built every layer step, and a tuple builds in a fraction of a dataclass's time).
 
     Attributes:
         site: SITE_LAYER, SITE_ENTRY or SITE_OFF.
@@ -132,7 +134,7 @@ class Fingerprint:
     }
 
     def values(self) -> List[int]:
-        return [int(getattr(self, f)) for f in self.HINTS]
+        return [int(v) for v in self]
 
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -148,9 +150,10 @@ _HEAD = 5
 HEADER = _HEAD + len(Fingerprint.HINTS)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Gathered:
-    """What every rank learns from a step's all-gather (identical on every rank).
+    """What every rank learns from a step's all-gather (identical on every rank; read-only by
+    convention: a plain dataclass, as a frozen one costs microseconds to build every step).
 
     Attributes:
         counts_WE: int64 [W, E] routes per rank and expert of this layer.
@@ -159,6 +162,8 @@ class Gathered:
         version_W: int64 [W] version of each rank's home expert weights.
         ahead_WE: int64 [W, E] predicted routes of the layer this one predicts (zeros if none).
         ahead_version_W: int64 [W] version of that layer's home expert weights on each rank.
+        total_E: int64 [E] ``counts_WE`` summed over ranks (the step's routes per expert).
+        ahead_total_E: int64 [E] ``ahead_WE`` summed over ranks.
     """
 
     counts_WE: np.ndarray
@@ -167,6 +172,8 @@ class Gathered:
     version_W: np.ndarray
     ahead_WE: np.ndarray
     ahead_version_W: np.ndarray
+    total_E: np.ndarray
+    ahead_total_E: np.ndarray
 
 
 def gather_step(counts_E: torch.Tensor, fingerprint: Fingerprint, group, *, tokens: int = 0,
@@ -192,45 +199,68 @@ def gather_step(counts_E: torch.Tensor, fingerprint: Fingerprint, group, *, toke
     Raises:
         ReplicationError on every rank if any rank passed an error, or the fingerprints differ.
     """
-    E = counts_E.numel()
-    device = counts_E.device
+    E = counts_E.shape[0] if counts_E.dim() == 1 else counts_E.numel()
+    on_host = counts_E.is_cpu
     code = failure_code(error, where) if error is not None else 0
-    head = torch.tensor([code, tokens, int(landed), version, ahead_version] + fingerprint.values(), dtype=torch.int64,
-                        device=device)
-    ahead = torch.zeros(E, dtype=torch.int64, device=device) if ahead_E is None else ahead_E.reshape(-1).to(
-        device=device, dtype=torch.int64)
-    if ahead.numel() != E:
-        ahead = torch.zeros(E, dtype=torch.int64, device=device)
+    if ahead_E is not None and ahead_E.numel() != E:
         if code == 0:
             code = _CODE["replication policy"]
             error = ValueError(f"lookahead counts have {ahead_E.numel()} entries for a layer of {E} experts")
-            head[0] = code
-    payload = torch.cat([head, counts_E.reshape(-1).to(torch.int64), ahead])
-    W = group_size(group)
-    if W > 1:
-        out = torch.empty(W * payload.numel(), dtype=torch.int64, device=device)
-        dist.all_gather_into_tensor(out, payload, group=group)
-        out = out.view(W, -1)
+        ahead_E = None
+    head = [code, tokens, int(landed), version, ahead_version] + fingerprint.values()
+    # NOTE: filled in place (no concatenation): this runs every layer, every step. On the host
+    # through NumPy (each torch call costs microseconds there); on a device with device copies.
+    if on_host:
+        host = np.zeros(HEADER + 2 * E, dtype=np.int64)
+        host[:HEADER] = head
+        host[HEADER:HEADER + E] = counts_E.numpy().reshape(-1)
+        if ahead_E is not None:
+            host[HEADER + E:] = ahead_E.detach().cpu().numpy().reshape(-1)
+        payload = torch.from_numpy(host)
     else:
-        out = payload.unsqueeze(0)
-    out = out.cpu().numpy()
-    if out[:, 0].any():
+        device = counts_E.device
+        payload = torch.empty(HEADER + 2 * E, dtype=torch.int64, device=device)
+        payload[:HEADER].copy_(torch.tensor(head, dtype=torch.int64))
+        payload[HEADER:HEADER + E].copy_(counts_E.reshape(-1))
+        if ahead_E is None:
+            payload[HEADER + E:].zero_()
+        else:
+            payload[HEADER + E:].copy_(ahead_E.reshape(-1))
+    W = group_size(group)
+    if W == 1:
+        out = payload.unsqueeze(0).cpu().numpy()
+    elif on_host:
+        out = np.empty((W, HEADER + 2 * E), dtype=np.int64)
+        dist.all_gather_into_tensor(torch.from_numpy(out.reshape(-1)), payload, group=group)
+    else:
+        gathered = torch.empty(W * payload.numel(), dtype=torch.int64, device=device)
+        dist.all_gather_into_tensor(gathered, payload, group=group)
+        out = gathered.view(W, -1).cpu().numpy()
+    sums = native.gather_sums(out, HEADER, _HEAD, HEADER, E, ahead=ahead_E is not None)
+    if sums is None:  # the NumPy twin
+        prints = out[:, _HEAD:HEADER]
+        flags = int(out[:, 0].any()) | 2 * int((prints != prints[0]).any())
+        sums = (flags, out[:, HEADER:HEADER + E].sum(axis=0),
+                out[:, HEADER + E:].sum(axis=0) if ahead_E is not None else np.zeros(E, dtype=np.int64))
+    flags, total_E, ahead_total_E = sums
+    if flags & 1:
         raise_failures(out[:, 0], error, group_rank(group))
-    prints = out[:, _HEAD:HEADER]
-    differ_F = (prints != prints[0]).any(axis=0)
-    if differ_F.any():
-        me = group_rank(group)
-        differ = np.nonzero(differ_F)[0].tolist()
-        names = list(Fingerprint.HINTS)
-        parts = []
-        for i in differ:
-            values = prints[:, i].tolist()
-            shown = [_SITES.get(v, v) for v in values] if names[i] == "site" else values
-            parts.append(f"{names[i]} ({', '.join(f'rank {r}: {v}' for r, v in enumerate(shown))}): "
-                         f"{Fingerprint.HINTS[names[i]]}")
-        raise ReplicationError(f"expert-parallel ranks disagree at this step (seen by rank {me}): " + "; ".join(parts))
-    return Gathered(out[:, HEADER:HEADER + E], out[:, 1], out[:, 2].astype(bool), out[:, 3],
-                    out[:, HEADER + E:], out[:, 4])
+    if flags & 2:
+        _raise_disagreement(out[:, _HEAD:HEADER], group_rank(group))
+    return Gathered(out[:, HEADER:HEADER + E], out[:, 1], out[:, 2] != 0, out[:, 3], out[:, HEADER + E:],
+                    out[:, 4], total_E, ahead_total_E)
+
+
+def _raise_disagreement(prints_WF: np.ndarray, me: int) -> None:
+    differ = np.nonzero((prints_WF != prints_WF[0]).any(axis=0))[0].tolist()
+    names = list(Fingerprint.HINTS)
+    parts = []
+    for i in differ:
+        values = prints_WF[:, i].tolist()
+        shown = [_SITES.get(v, v) for v in values] if names[i] == "site" else values
+        parts.append(f"{names[i]} ({', '.join(f'rank {r}: {v}' for r, v in enumerate(shown))}): "
+                     f"{Fingerprint.HINTS[names[i]]}")
+    raise ReplicationError(f"expert-parallel ranks disagree at this step (seen by rank {me}): " + "; ".join(parts))
 
 
 class _AllToAll(torch.autograd.Function):

@@ -5,9 +5,10 @@ physical slot, permute rows into send order), one uneven all-to-all, and groups 
 rows by local slot; it returns the rows and a frozen ``DispatchMeta`` that ``combine()`` consumes
 for the reverse exchange, un-permute and gate-weighted sum over k.
 
-The split (``split.transport`` / ``split.capacity_transport``) is derived on every rank from the
-same gathered counts, so every rank knows every send size without another collective:
-``send_WP[w, p]`` = routes from rank w computed by physical slot p.
+The split (``split.transport_rank`` / ``split.capacity_transport``) is derived on every rank from
+the same gathered counts, so every rank knows its send and receive sizes without another
+collective: of ``send_WP[w, p]`` (routes from rank w computed by physical slot p) a rank needs
+only its own row and its own slots' columns (``split.RankSplit``).
 
 Legend: T tokens on this rank, H hidden, K routes per token (top-k), E logical experts,
 W ranks, S replica slots per rank, C = E_loc + S slots per rank, P = W * C physical slots,
@@ -25,6 +26,7 @@ import torch
 from . import ops
 from .comm import all_to_all
 from .placement import Placement
+from .split import RankSplit
 
 __all__ = ["DispatchMeta", "dispatch", "combine"]
 
@@ -64,15 +66,16 @@ def _route_slots(expert_TK: torch.Tensor, send_P: torch.Tensor, copies_ER: torch
     return ops.assign_slots(expert_TK, send_P, copies_ER, kernels="torch")[0]
 
 
-def dispatch(x_TH: torch.Tensor, expert_TK: torch.Tensor, send_WP: np.ndarray, placement: Placement,
-             rank: int, group, *, kernels: str = "torch"):
+def dispatch(x_TH: torch.Tensor, expert_TK: torch.Tensor, split: RankSplit, placement: Placement, group, *,
+             kernels: str = "torch"):
     """Send every taken route's row to the physical slot the split gave it.
 
     Args:
         x_TH: [T, H] this rank's tokens. expert_TK: int64 [T, K] routes (-1 = not taken); must
-            agree with ``send_WP[rank]`` (routes per expert = sum over its copies).
-        send_WP: int64 [W, P] from ``transport`` or ``capacity_transport``.
-        placement: the active placement. rank: this rank in ``group``.
+            agree with ``split.send_P`` (routes per expert = sum over its copies).
+        split: this rank's ``RankSplit`` (``transport_rank``, or ``RankSplit.of_dense`` of
+            ``capacity_transport``).
+        placement: the active placement.
         kernels: ``moe_replication.kernels``: who runs slot assignment and permutation (``ops``).
 
     Returns:
@@ -82,12 +85,12 @@ def dispatch(x_TH: torch.Tensor, expert_TK: torch.Tensor, send_WP: np.ndarray, p
     C = placement.slots_per_rank_total
     T, K = expert_TK.shape
     device = x_TH.device
-    send_W = send_WP.reshape(-1, W, C).sum(axis=2)[rank].tolist()
-    mine_WC = send_WP[:, rank * C:(rank + 1) * C]
+    send_W = split.send_P.reshape(W, C).sum(axis=1).tolist()
+    mine_WC = split.recv_WC
     recv_W = mine_WC.sum(axis=1).tolist()
     error = None
     try:
-        send_P = torch.from_numpy(send_WP[rank]).to(device)
+        send_P = torch.from_numpy(split.send_P).to(device)
         copies_ER = torch.from_numpy(placement.log2phy_ER.copy()).to(device)
         # Send order: by physical slot (so by destination rank), route order within a slot.
         _, pos_L, order_N = ops.assign_slots(expert_TK, send_P, copies_ER, kernels=kernels)

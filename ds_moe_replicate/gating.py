@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from deepspeed.moe.sharded_moe import TopKGate, gumbel_rsample
 
-from . import ops
+from . import native, ops
 
-__all__ = ["Routes", "route", "drop_over_capacity", "normalized_weight_TK", "capacity_per_expert"]
+__all__ = ["Routes", "route", "count_routes", "drop_over_capacity", "normalized_weight_TK", "capacity_per_expert"]
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,20 @@ def capacity_per_expert(tokens, num_experts: int, k: int, capacity_factor: float
     scale = capacity_factor * (1 if k == 1 else k)
     return np.maximum(np.ceil(np.asarray(tokens, dtype=np.float64) / num_experts * scale),
                       min_capacity).astype(np.int64)
+
+
+def count_routes(expert_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 [E] taken routes per expert (-1 entries are routes not taken).
+
+    On the host the compiled count (``native.count``: a few microseconds where ``torch.bincount``
+    takes fifteen); on a device ``torch.bincount``, shifted by one instead of masked (a boolean mask
+    costs a device-to-host sync). docs/control_path.md."""
+    if expert_TK.is_cpu and expert_TK.dtype == torch.int64 and expert_TK.is_contiguous():
+        # NOTE: few torch calls on the host (each costs microseconds here).
+        out = torch.empty(num_experts, dtype=torch.int64)
+        if native.count_into(expert_TK.data_ptr(), expert_TK.numel(), num_experts, out.data_ptr()):
+            return out
+    return torch.bincount(expert_TK.reshape(-1) + 1, minlength=num_experts + 1)[1:]
 
 
 def drop_over_capacity(expert_TK: torch.Tensor, keep_E: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,10 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from . import native
 from .predictor import EmaPredictor, name_of
 
-__all__ = ["StepStats", "StatsHooks", "RemovableHandle", "prediction_quality", "step_stats"]
+__all__ = ["StepStats", "StatsHooks", "RemovableHandle", "prediction_quality", "prediction_quality_numpy", "step_stats"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,9 @@ class StatsHooks:
         self._fns[self._next] = fn
         return RemovableHandle(self._fns, self._next)
 
+    def __len__(self) -> int:
+        return len(self._fns)
+
     def __call__(self, stats: StepStats) -> None:
         for fn in list(self._fns.values()):
             fn(stats)
@@ -101,8 +105,24 @@ def prediction_quality(predicted_E: Optional[np.ndarray], actual_E: np.ndarray, 
 
     Hot experts are those whose actual load exceeds a mean rank's load (the ones that need
     copies); recall is the fraction of them the prediction also puts above its mean rank load.
-    Both are NaN without a prediction; recall is 1.0 when no expert is hot.
+    Both are NaN without a prediction; recall is 1.0 when no expert is hot. Runs compiled
+    (``native``) where it can, else ``prediction_quality_numpy`` (its twin).
     """
+    if predicted_E is None:
+        return float("nan"), float("nan")
+    pred = np.ascontiguousarray(predicted_E, dtype=np.float64)
+    act = np.asarray(actual_E)
+    if act.dtype.kind in "iu" and pred.shape == act.shape and pred.ndim == 1:
+        fast = native.prediction_quality(pred, np.ascontiguousarray(act, dtype=np.int64), ep_size)
+        if fast is not None:
+            return fast
+    return prediction_quality_numpy(predicted_E, actual_E, ep_size)
+
+
+def prediction_quality_numpy(predicted_E: Optional[np.ndarray], actual_E: np.ndarray,
+                             ep_size: int) -> Tuple[float, float]:
+    """``prediction_quality`` in NumPy: its twin and test oracle (and the path for loads that
+    are not whole numbers)."""
     if predicted_E is None:
         return float("nan"), float("nan")
     pred = np.asarray(predicted_E, dtype=np.float64)
@@ -114,24 +134,31 @@ def prediction_quality(predicted_E: Optional[np.ndarray], actual_E: np.ndarray, 
     return float(np.abs(p_share - a_share).sum()), recall
 
 
-def step_stats(step: int, placement, counts_WE: np.ndarray, send_WP: np.ndarray, prediction: Optional[np.ndarray],
+def step_stats(step: int, placement, total_E: np.ndarray, split, prediction: Optional[np.ndarray],
                **fields) -> StepStats:
     """The step's record from its gathered numbers (the one place the statistics are computed).
 
     Args:
         step: the layer's step index. placement: the placement that served the step.
-        counts_WE: int64 [W, E] gathered routes. send_WP: int64 [W, P] the split.
+        total_E: int64 [E] the step's routes per expert, summed over the group (``Gathered.total_E``).
+        split: the step's ``split.RankSplit`` (its quotas give every rank's load).
         prediction: [E] the loads the serving plan was made for, or None.
         fields: the remaining ``StepStats`` fields (replanned, activated, bytes, waits, ...).
     """
     W = placement.ep_size
-    global_E = counts_WE.sum(axis=0)
-    rank_W = send_WP.reshape(W, W, -1).sum(axis=(0, 2))
-    top = int(rank_W.max()) if rank_W.size else 0
-    bal = float(rank_W.mean() / top) if top > 0 else 1.0
-    l1, recall = prediction_quality(prediction, global_E, W)
-    return StepStats(step=step, plan_version=placement.version, counts_E=torch.from_numpy(global_E),
-                     rank_tokens_W=torch.from_numpy(rank_W), balancedness=bal,
-                     dropped_tokens=int(counts_WE.sum() - send_WP.sum()), num_replicas=placement.num_replicas,
-                     predicted_E=None if prediction is None else torch.from_numpy(np.asarray(prediction)),
+    pred = None if prediction is None else np.ascontiguousarray(prediction, dtype=np.float64)
+    total_E = np.ascontiguousarray(total_E, dtype=np.int64)
+    fast = native.step_stats(np.ascontiguousarray(split.quota_P, dtype=np.int64), W, total_E,
+                             pred) if pred is None or pred.shape == total_E.shape else None
+    if fast is not None:
+        rank_W, bal, dropped, l1, recall = fast
+    else:  # the NumPy twin
+        rank_W = split.rank_load_W
+        top = int(rank_W.max()) if rank_W.size else 0
+        bal = float(rank_W.sum() / W / top) if top > 0 else 1.0
+        dropped = int(total_E.sum() - split.quota_P.sum())
+        l1, recall = prediction_quality_numpy(prediction, total_E, W)
+    return StepStats(step=step, plan_version=placement.version, counts_E=torch.from_numpy(total_E),
+                     rank_tokens_W=torch.from_numpy(rank_W), balancedness=bal, dropped_tokens=dropped,
+                     num_replicas=placement.num_replicas, predicted_E=None if pred is None else torch.from_numpy(pred),
                      prediction_l1=l1, hot_recall=recall, **fields)

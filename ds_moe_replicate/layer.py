@@ -34,13 +34,13 @@ from .comm import (
 )
 from .config import ReplicationConfig, ReplicationConfigError
 from .dispatch import combine, dispatch
-from .gating import Routes, capacity_per_expert, drop_over_capacity, normalized_weight_TK, route
+from .gating import Routes, capacity_per_expert, count_routes, drop_over_capacity, normalized_weight_TK, route
 from .hooks import RemovableHandle, StepStats
 from .lookahead import Chain, attach_entry
 from .placement import Placement
 from .policy import Decision
 from .predictor import AHEAD, PREDICTORS
-from .split import capacity_transport, transport
+from .split import RankSplit, capacity_transport, transport_rank
 from .stage import ReplicationStage, StepState
 
 __all__ = ["ReplicatedMoE", "ReplicatedMOELayer", "configure_replication"]
@@ -159,24 +159,23 @@ class ReplicatedMOELayer(ReplicationStage, MOELayer):
         g = gather_step(counts_E, fingerprint, group, tokens=0 if x_TH is None else x_TH.shape[0],
                         error=step.error, where=step.where, landed=landed, version=self.weights_version(),
                         ahead_E=ahead_E, ahead_version=0 if nxt is None else nxt.weights_version())
-        counts_WE = g.counts_WE
-        global_E = counts_WE.sum(axis=0)
+        counts_WE, global_E = g.counts_WE, g.total_E
 
         # 2. decide which placement serves; move copies the decision asks for now.
         decision = Decision(policy.active)
         try:
             decision = self._decide(global_E, g, store, grad, step)
             if nxt is not None and nxt.wants_ahead:
-                nxt.offer_ahead(g.ahead_WE.sum(axis=0), g.ahead_version_W, grad)
+                nxt.offer_ahead(g.ahead_total_E, g.ahead_version_W, grad)
         except Exception as err:  # noqa: BLE001 - reported to every rank through combine
             step.fail(err, "replica transfer" if isinstance(err, TimeoutError) else "replication policy")
         placement = decision.placement
 
         # 3. split each expert's tokens among its copies (the same integers on every rank).
-        send_WP = self._split(counts_WE, g.tokens_W, placement)
+        split = self._split(counts_WE, global_E, g.tokens_W, placement, rank)
         expert_TK = routes.expert_TK
         if not cfg.dropless:
-            keep_E = np.bincount(np.maximum(placement.phy2log_P, 0), weights=send_WP[rank], minlength=E)
+            keep_E = np.bincount(np.maximum(placement.phy2log_P, 0), weights=split.send_P, minlength=E)
             expert_TK = drop_over_capacity(expert_TK, torch.from_numpy(keep_E.astype(np.int64)).to(x.device))
         weight_TK = normalized_weight_TK(Routes(expert_TK, routes.weight_TK, routes.l_aux, routes.exp_counts_E), k)
 
@@ -186,7 +185,7 @@ class ReplicatedMOELayer(ReplicationStage, MOELayer):
             fetched, x_TH, anchor_out = self._travel(x_TH, placement, rank, group, step)
 
         # 5-6. dispatch; experts over home and replica slots.
-        rows_MH, meta = dispatch(x_TH, expert_TK, send_WP, placement, rank, group, kernels=self._kernels(grad))
+        rows_MH, meta = dispatch(x_TH, expert_TK, split, placement, group, kernels=self._kernels(grad))
         if meta.error is not None:
             step.fail(meta.error, "expert computation")
         y_MH = torch.zeros_like(rows_MH)
@@ -203,11 +202,10 @@ class ReplicatedMOELayer(ReplicationStage, MOELayer):
                 self._move(after, g.version_W, step)
         except Exception as err:  # noqa: BLE001 - reported to every rank through combine
             step.fail(err, "replica transfer")
-        stats = self._stats(decision, counts_WE, send_WP, step, grad)
+        stats = self._stats(decision, global_E, split, step, grad)
         if step.error is None:
             try:
-                self.last_stats = stats
-                self.hooks(stats)
+                self._publish_stats(stats)
             except Exception as err:  # noqa: BLE001 - reported to every rank through combine
                 step.fail(err, "stats hook")
 
@@ -257,17 +255,18 @@ class ReplicatedMOELayer(ReplicationStage, MOELayer):
             raise ValueError(f"used_token has {used_token.numel()} entries for {x_TH.shape[0]} tokens")
         routes = route(self.gate, x_TH, None if used_token is None else used_token.reshape(-1),
                        kernels=self._kernels(grad))
-        taken = routes.expert_TK[routes.expert_TK >= 0]
-        return x_TH, routes, torch.bincount(taken, minlength=self.num_experts)
+        return x_TH, routes, count_routes(routes.expert_TK, self.num_experts)
 
-    def _split(self, counts_WE: np.ndarray, tokens_W: np.ndarray, placement: Placement) -> np.ndarray:
+    def _split(self, counts_WE: np.ndarray, total_E: np.ndarray, tokens_W: np.ndarray, placement: Placement,
+               rank: int) -> RankSplit:
         cfg = self.replication
         if cfg.dropless:
-            return transport(counts_WE, placement, cfg.prefer_local)
+            return transport_rank(counts_WE, placement, rank, cfg.prefer_local, total_E=total_E)
         capacity_W = capacity_per_expert(tokens_W, self.num_experts, self.gate.k,
                                          self.gate.capacity_factor if self.training else self.gate.eval_capacity_factor,
                                          self.gate.min_capacity)
-        return capacity_transport(counts_WE, capacity_W, placement, cfg.prefer_local)
+        return RankSplit.of_dense(capacity_transport(counts_WE, capacity_W, placement, cfg.prefer_local), rank,
+                                  placement.slots_per_rank_total)
 
     def _run_slots(self, rows_MH: torch.Tensor, slot_rows_C, placement: Placement, fetched, step: StepState):
         """Every home expert on its rows (also on none, so that each gets a gradient, as in the

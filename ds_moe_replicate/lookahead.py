@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .comm import SITE_ENTRY, Fingerprint, gather_step
-from .gating import route
+from .gating import count_routes, route
 
 __all__ = ["AheadNode", "Chain", "EntryHook", "attach_entry", "find_entry", "predict_counts"]
 
@@ -51,7 +51,7 @@ def predict_counts(layer, x_TH: torch.Tensor) -> torch.Tensor:
     """int64 [E] routes ``layer``'s gate would send to each expert for tokens ``x_TH``."""
     with torch.no_grad():
         expert_TK = route(layer.gate, x_TH, kernels=layer.replication.kernels).expert_TK
-    return torch.bincount(expert_TK[expert_TK >= 0], minlength=layer.num_experts)
+    return count_routes(expert_TK, layer.num_experts)
 
 
 class Chain:
@@ -129,7 +129,7 @@ class EntryHook:
         g = gather_step(zeros, Fingerprint(SITE_ENTRY, config=nxt.config_hash), nxt.ep_group,
                         tokens=0 if x_TH is None else x_TH.shape[0], error=error, where="replication policy",
                         ahead_E=ahead, ahead_version=nxt.weights_version())
-        nxt.offer_ahead(g.ahead_WE.sum(axis=0), g.ahead_version_W, nxt.grad_step())
+        nxt.offer_ahead(g.ahead_total_E, g.ahead_version_W, nxt.grad_step())
 
     def _learned(self, x_TH: torch.Tensor) -> torch.Tensor:
         distiller = self.chain.distiller

@@ -92,7 +92,11 @@ class Placement:
 
     @property
     def num_replicas(self) -> int:
-        return int((self.phy2log_P >= 0).sum()) - self.num_experts
+        cached = self.__dict__.get("_num_replicas")
+        if cached is None:
+            cached = int((self.phy2log_P >= 0).sum()) - self.num_experts
+            object.__setattr__(self, "_num_replicas", cached)  # NOTE: a cache, not a field (frozen dataclass)
+        return cached
 
     def replica_slots(self, rank: int) -> np.ndarray:
         """int64 [S]: expert held by each replica slot of ``rank`` (-1 empty)."""
@@ -100,17 +104,25 @@ class Placement:
         return self.phy2log_P[rank * C + self.experts_per_rank:(rank + 1) * C]
 
     def digest(self) -> int:
-        """A 62-bit hash of the layout and version, equal on ranks that hold the same placement."""
-        h = hashlib.blake2b(self.phy2log_P.tobytes(), digest_size=8)
-        h.update(np.int64(self.version).tobytes())
-        return int.from_bytes(h.digest(), "little") >> 2
+        """A 62-bit hash of the layout and version, equal on ranks that hold the same placement
+        (computed once per placement: the layer sends it every step)."""
+        cached = self.__dict__.get("_digest")
+        if cached is None:
+            h = hashlib.blake2b(self.phy2log_P.tobytes(), digest_size=8)
+            h.update(np.int64(self.version).tobytes())
+            cached = int.from_bytes(h.digest(), "little") >> 2
+            object.__setattr__(self, "_digest", cached)  # NOTE: a cache, not a field (frozen dataclass)
+        return cached
 
     def without(self, drop_P: np.ndarray) -> "Placement":
         """The same placement with the replica slots where ``drop_P`` is True emptied (home slots
-        are never dropped). Same version: the copies that remain are the agreed ones."""
+        are never dropped; dropping an empty slot changes nothing). ``self`` when nothing changes.
+        Same version: the copies that remain are the agreed ones."""
+        drop = np.asarray(drop_P, dtype=bool)
+        if not drop.any():
+            return self
         C = self.slots_per_rank_total
-        is_replica = (np.arange(self.phy2log_P.size) % C) >= self.experts_per_rank
-        drop = np.asarray(drop_P, dtype=bool) & is_replica
+        drop = drop & ((np.arange(self.phy2log_P.size) % C) >= self.experts_per_rank) & (self.phy2log_P >= 0)
         if not drop.any():
             return self
         return Placement.from_phy2log(np.where(drop, -1, self.phy2log_P), self.ep_size, self.experts_per_rank,

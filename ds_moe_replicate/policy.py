@@ -98,20 +98,22 @@ class ReplicationPolicy:
         load_E = np.asarray(load_E, dtype=np.float64)
         cost = self.config.replica_cost * (2.0 if grad else 1.0)
         target = min(1.0 / (1.0 + cost), 0.995)
+        slot_P = None
         if self.predictor.source == HISTORY:
             placement = plan_replicas(load_E, self.ep_size, self.slots_per_rank,
                                       target_balancedness=target).placement(version=self.version + 1)
         else:
-            placement = replan(load_E, self.active, target_balancedness=target,
-                               keep_balancedness=min(target, 0.98), version=self.version + 1)
+            placement, slot_P = replan(load_E, self.active, target_balancedness=target,
+                                       keep_balancedness=min(target, 0.98), version=self.version + 1, with_quotas=True)
         if placement.num_replicas:
-            counts_1E = np.rint(load_E).astype(np.int64)[None]
-            C = placement.slots_per_rank_total
-            home_max = float(counts_1E.reshape(self.ep_size, -1).sum(axis=1).max())
-            plan_max = float(quotas(counts_1E, placement).reshape(self.ep_size, C).sum(axis=1).max())
+            tokens_E = np.rint(load_E)
+            home_max = float(tokens_E.reshape(self.ep_size, -1).sum(axis=1).max())
+            if slot_P is None:
+                slot_P = quotas(tokens_E.astype(np.int64)[None], placement)
+            plan_max = float(slot_P.reshape(self.ep_size, -1).sum(axis=1).max())
             if home_max - plan_max <= cost * load_E.sum() / self.ep_size * placement.num_replicas:
                 placement = self.home
-        if np.array_equal(placement.phy2log_P, self.active.phy2log_P):
+        if placement.phy2log_P is self.active.phy2log_P or np.array_equal(placement.phy2log_P, self.active.phy2log_P):
             return self.active
         self.version += 1
         return Placement.from_phy2log(placement.phy2log_P, self.ep_size, self.home.experts_per_rank,

@@ -38,14 +38,22 @@ __all__ = ["replan"]
 def _check(load_E: np.ndarray, previous: Placement, target_balancedness: float) -> None:
     if load_E.shape != (previous.num_experts,):
         raise ValueError(f"load must have shape [E={previous.num_experts}], got {tuple(load_E.shape)}")
-    if not np.isfinite(load_E).all() or (load_E < 0).any():
+    # NOTE: two reductions, no temporaries (this runs every step): a NaN fails the first test, an
+    # infinity the second.
+    if load_E.size and (not load_E.min() >= 0 or not np.isfinite(load_E.sum())):
         raise ValueError("load must be finite and non-negative")
     if not 0.0 < target_balancedness <= 1.0:
         raise ValueError(f"target_balancedness must lie in (0, 1], got {target_balancedness}")
 
 
+def _reversioned(previous: Placement, version: int) -> Placement:
+    """``previous`` under a new version (its read-only slot tables are shared, not rebuilt)."""
+    return Placement(previous.phy2log_P, previous.log2phy_ER, previous.logcnt_E, previous.ep_size,
+                     previous.experts_per_rank, previous.slots_per_rank, version)
+
+
 def replan(load, previous: Placement, *, target_balancedness: float = 0.995, keep_balancedness: float = 0.98,
-           version: Optional[int] = None) -> Placement:
+           version: Optional[int] = None, with_quotas: bool = False):
     """One layer's next placement, starting from ``previous``.
 
     Args:
@@ -58,28 +66,40 @@ def replan(load, previous: Placement, *, target_balancedness: float = 0.995, kee
             reach: without this floor every step would free and re-add the same copies).
         version: the new placement's version (default ``previous.version + 1``).
 
+        with_quotas: also return the new placement's slot loads under the run-time split.
+
     Returns:
         The new ``Placement``. Replicas of ``previous`` that are kept stay in their slots, so
-        ``plan_transfers(previous, new)`` moves only what changed.
+        ``plan_transfers(previous, new)`` moves only what changed. With ``with_quotas``: the
+        placement and int64 [P] ``split.quotas`` of the rounded loads on it.
     """
     load_E = np.asarray(load, dtype=np.float64).reshape(-1)
     _check(load_E, previous, target_balancedness)
     if not 0.0 < keep_balancedness <= 1.0:
         raise ValueError(f"keep_balancedness must lie in (0, 1], got {keep_balancedness}")
+    placement, tokens_E, slot_P = _replan(load_E, previous, target_balancedness, keep_balancedness,
+                                          previous.version + 1 if version is None else version)
+    if not with_quotas:
+        return placement
+    return placement, (slot_P if slot_P is not None else quotas(tokens_E[None], placement))
+
+
+def _replan(load_E: np.ndarray, previous: Placement, target_balancedness: float, keep_balancedness: float,
+            version: int):
+    """(placement, rounded loads, its quotas where already computed, else None)."""
     W, e_loc, S = previous.ep_size, previous.experts_per_rank, previous.slots_per_rank
     C, E = e_loc + S, previous.num_experts
-    version = previous.version + 1 if version is None else version
     tokens_E = np.rint(load_E).astype(np.int64)
     mean = tokens_E.sum() / W
     if W == 1 or S == 0 or mean <= 0:
-        return Placement.from_phy2log(home_phy2log(E, W, S), W, e_loc, S, version)
+        return Placement.from_phy2log(home_phy2log(E, W, S), W, e_loc, S, version), tokens_E, None
 
-    # 1. The previous placement as it is, if it still serves (nothing moves).
+    # 1. The previous placement as it is, if it still serves (nothing moves; no new slot tables).
     stop = mean / target_balancedness
-    pl = Placement.from_phy2log(previous.phy2log_P, W, e_loc, S, version)
-    slot_P = quotas(tokens_E[None], pl)
+    slot_P = quotas(tokens_E[None], previous)
     if slot_P.reshape(W, C).sum(axis=1).max() <= mean / min(keep_balancedness, target_balancedness):
-        return pl
+        return _reversioned(previous, version), tokens_E, slot_P
+    pl = previous
 
     # 2. Free the slots of replicas an expert no longer needs: an expert that needs replicas keeps
     # need_e + 1 of them (one more than the bulk rule, so a copy the greedy added for balance is not dropped and re-added
@@ -95,10 +115,10 @@ def replan(load, previous: Placement, *, target_balancedness: float = 0.995, kee
         phy_P[drop] = -1
         pl = Placement.from_phy2log(phy_P, W, e_loc, S, version)
         slot_P = quotas(tokens_E[None], pl)
-    slot_P = slot_P.astype(np.float64)
-    rank_W = slot_P.reshape(W, C).sum(axis=1)
+    slot_f = slot_P.astype(np.float64)
+    rank_W = slot_f.reshape(W, C).sum(axis=1)
     if rank_W.max() <= stop:
-        return pl
+        return (pl if drop.size else _reversioned(previous, version)), tokens_E, slot_P
 
     # 3. Greedy, one replica at a time (few steps: most replicas are already in place).
     phy_WC = phy_P.reshape(W, C)
@@ -107,7 +127,7 @@ def replan(load, previous: Placement, *, target_balancedness: float = 0.995, kee
     for _ in range(int((phy_WC[:, e_loc:] < 0).sum())):
         rmax = int(rank_W.argmax())
         experts = phy_WC[rmax]
-        share = np.where((experts >= 0) & (ncop_E[np.maximum(experts, 0)] < W), slot_P[rmax * C:(rmax + 1) * C], -1.0)
+        share = np.where((experts >= 0) & (ncop_E[np.maximum(experts, 0)] < W), slot_f[rmax * C:(rmax + 1) * C], -1.0)
         j = int(share.argmax())
         e = int(experts[j])
         free_W = (phy_WC[:, e_loc:] < 0).any(axis=1) & ~(phy_WC == e).any(axis=1)
@@ -122,8 +142,10 @@ def replan(load, previous: Placement, *, target_balancedness: float = 0.995, kee
         added = True
         copies = np.nonzero(phy_P == e)[0]
         ranks = copies // C
-        base = rank_W[ranks] - slot_P[copies]
+        base = rank_W[ranks] - slot_f[copies]
         new = _water_fill(base[None], np.array([float(tokens_E[e])]), np.ones((1, copies.size), dtype=bool))[0]
-        slot_P[copies] = new
+        slot_f[copies] = new
         rank_W[ranks] = base + new
-    return Placement.from_phy2log(phy_P, W, e_loc, S, version) if added else pl
+    if added:
+        return Placement.from_phy2log(phy_P, W, e_loc, S, version), tokens_E, None
+    return (pl if drop.size else _reversioned(previous, version)), tokens_E, slot_P

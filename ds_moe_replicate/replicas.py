@@ -80,6 +80,8 @@ class ReplicaTable:
         self.home_version_P = np.zeros(num_slots, dtype=np.int64)
         self.holder_version_P = np.zeros(num_slots, dtype=np.int64)
         self._pending = None
+        self._changes = 0  # bumped by every change of the table (what ``valid``'s cache keys on)
+        self._valid_cache: tuple = (None, None, -1, None)
 
     def begin(self, transfers: Sequence[Transfer], placement: Placement, version_W: np.ndarray) -> None:
         """Copies of ``transfers`` started (at weights versions ``version_W``): their slots hold
@@ -98,6 +100,7 @@ class ReplicaTable:
             self._pending = None
 
     def record(self, transfers: Sequence[Transfer], placement: Placement, version_W: np.ndarray) -> None:
+        self._changes += 1
         C, e_loc = placement.slots_per_rank_total, placement.experts_per_rank
         for t in transfers:
             p = t.dst * C + e_loc + t.slot
@@ -107,19 +110,36 @@ class ReplicaTable:
 
     def forget(self, transfers: Sequence[Transfer], placement: Placement) -> None:
         """The slots of ``transfers`` are being overwritten: they hold nothing usable."""
+        self._changes += 1
         C, e_loc = placement.slots_per_rank_total, placement.experts_per_rank
         for t in transfers:
             self.expert_P[t.dst * C + e_loc + t.slot] = -1
 
     def valid(self, placement: Placement, version_W: np.ndarray) -> np.ndarray:
-        """bool [P]: slots of ``placement`` whose copy is resident and current (home slots: True)."""
+        """bool [P]: slots of ``placement`` whose copy is resident and current (home slots and
+        empty slots: True).
+
+        Asked every step with the same placement, table and versions most of the time (versions
+        change with the weights, the table with transfers): the last answer is kept."""
+        versions = np.asarray(version_W).tobytes()
+        last_placement, last_versions, last_changes, last = self._valid_cache
+        if last_placement is placement and last_changes == self._changes and last_versions == versions:
+            return last
+        ok = self._valid(placement, version_W)
+        ok.setflags(write=False)
+        self._valid_cache = (placement, versions, self._changes, ok)
+        return ok
+
+    def _valid(self, placement: Placement, version_W: np.ndarray) -> np.ndarray:
         C, e_loc = placement.slots_per_rank_total, placement.experts_per_rank
         P = placement.phy2log_P.size
         rank_P = np.arange(P) // C
         home_P = np.where(placement.phy2log_P >= 0, placement.phy2log_P // max(e_loc, 1), 0)
         ok = ((self.expert_P == placement.phy2log_P) & (self.home_version_P == version_W[home_P])
               & (self.holder_version_P == version_W[rank_P]))
-        return ok | ((np.arange(P) % C) < e_loc)
+        # NOTE: an empty slot needs no copy; counting it invalid made every step after a plan that
+        # emptied a slot rebuild the serving placement and re-request the same copies.
+        return ok | ((np.arange(P) % C) < e_loc) | (placement.phy2log_P < 0)
 
 
 class ReplicaStore:

@@ -14,8 +14,8 @@ counts, so it must be cheap at W = 64, E = 256 and give every rank the same inte
    which a single ``searchsorted`` resolves.
 
 Everything placement-derived (classes, gather indices) is computed once per placement and cached.
-``transport`` and ``quotas`` run the arithmetic compiled (``split_native``: the same steps in C,
-a few microseconds plus the dense result) where a C compiler is at hand; ``transport_numpy`` and
+``transport``, ``transport_rank`` and ``quotas`` run the arithmetic compiled (``native``: the same
+steps in C, a few microseconds) where a C compiler is at hand; ``transport_numpy`` and
 ``quotas_numpy`` are the NumPy twins (a few dozen array calls per class and round), used without
 a compiler and as the tests' oracle. All arithmetic is int64: the result does not depend on float
 rounding, so ranks on different machines, compiled or not, agree exactly.
@@ -30,14 +30,15 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
-from . import split_native
+from . import native
 from .placement import Placement
 
-__all__ = ["transport", "transport_numpy", "capacity_transport", "quotas", "quotas_numpy"]
+__all__ = ["RankSplit", "transport", "transport_rank", "transport_numpy", "capacity_transport", "quotas",
+           "quotas_numpy"]
 
 # Coordinate-descent rounds over the classes, at most (a round that changes nothing ends the
 # descent). From even shares, three rounds beat the old heaviest-first split (two rounds from home
@@ -86,6 +87,8 @@ class _Layout:
             (what the compiled split reads).
         native_args: the compiled split's layout arguments (sizes and addresses of the arrays
             above, which live as long as the layout).
+        native_block / native_block_ptr: the same as one int64 array, and its address (what the
+            per-rank split reads).
     """
 
     home_slot_E: np.ndarray
@@ -104,12 +107,28 @@ class _Layout:
     cls_rows: np.ndarray
     cls_start: np.ndarray
     native_args: tuple = ()
+    native_block: Optional[np.ndarray] = None
+    native_block_ptr: int = 0
 
 
 _cache: "OrderedDict[tuple, _Layout]" = OrderedDict()
+# The layout of each recent placement object (kept alive here, so its id is not reused): a layer's
+# active placement serves many steps, and hashing its slot table every step is a cost of its own.
+_by_object: "OrderedDict[int, Tuple[Placement, _Layout]]" = OrderedDict()
 
 
 def _layout(placement: Placement) -> _Layout:
+    seen = _by_object.get(id(placement))
+    if seen is not None and seen[0] is placement:
+        return seen[1]
+    lay = _layout_of(placement)
+    _by_object[id(placement)] = (placement, lay)
+    if len(_by_object) > _CACHE_SIZE:
+        _by_object.popitem(last=False)
+    return lay
+
+
+def _layout_of(placement: Placement) -> _Layout:
     W, e_loc, C = placement.ep_size, placement.experts_per_rank, placement.slots_per_rank_total
     key = (placement.phy2log_P.tobytes(), W, e_loc, C)
     hit = _cache.get(key)
@@ -162,8 +181,10 @@ def _layout(placement: Placement) -> _Layout:
     for arr in arrays:
         arr.setflags(write=False)
     X = rep_X.size
-    out = dataclasses.replace(out, native_args=(X, R, rep_X.ctypes.data, slot_XR.ctypes.data, rank_XR.ctypes.data,
-                                                out.cls_rows.ctypes.data, out.cls_start.ctypes.data, len(classes)))
+    native_args = (X, R, rep_X.ctypes.data, slot_XR.ctypes.data, rank_XR.ctypes.data, out.cls_rows.ctypes.data,
+                   out.cls_start.ctypes.data, len(classes))
+    block = np.array(native_args, dtype=np.int64)
+    out = dataclasses.replace(out, native_args=native_args, native_block=block, native_block_ptr=block.ctypes.data)
     _cache[key] = out
     if len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
@@ -241,8 +262,8 @@ def quotas(counts_WE: np.ndarray, placement: Placement) -> np.ndarray:
     _check_counts(counts_WE, placement, any_rows=True)
     lay = _layout(placement)
     quota_P = np.empty(P, dtype=np.int64)
-    if split_native.split_into(counts_WE, lay, W, placement.slots_per_rank_total, placement.experts_per_rank,
-                               _ROUNDS, False, np.empty((counts_WE.shape[0], P), dtype=np.int64), quota_P):
+    if native.split_into(counts_WE, lay, W, placement.slots_per_rank_total, placement.experts_per_rank, _ROUNDS,
+                         False, None, quota_P):
         return quota_P
     return quotas_numpy(counts_WE, placement)
 
@@ -261,7 +282,7 @@ def transport(counts_WE: np.ndarray, placement: Placement, prefer_local: bool = 
     coordinate descent, see the module docstring); then each source rank's routes are matched to
     copies: first to a copy on the source rank itself (``prefer_local``), the rest in rank order
     to the copies in slot order (north-west corner rule). Deterministic from the gathered counts.
-    Runs compiled (``split_native``) where a C compiler is at hand, else ``transport_numpy``;
+    Runs compiled (``native``) where a C compiler is at hand, else ``transport_numpy``;
     both give the same integers.
 
     Args:
@@ -276,10 +297,66 @@ def transport(counts_WE: np.ndarray, placement: Placement, prefer_local: bool = 
     _check_counts(counts_WE, placement)
     lay = _layout(placement)
     send_WP = np.empty((W, P), dtype=np.int64)
-    if split_native.split_into(counts_WE, lay, W, placement.slots_per_rank_total, placement.experts_per_rank,
-                               _ROUNDS, prefer_local, send_WP, np.empty(P, dtype=np.int64)):
+    if native.split_into(counts_WE, lay, W, placement.slots_per_rank_total, placement.experts_per_rank, _ROUNDS,
+                         prefer_local, send_WP, np.empty(P, dtype=np.int64)):
         return send_WP
     return transport_numpy(counts_WE, placement, prefer_local)
+
+
+@dataclass
+class RankSplit:
+    """The split as one rank needs it (what the dispatch and the statistics read; read-only by
+    convention: built every step, and a frozen dataclass costs microseconds to build).
+
+    Attributes:
+        rank: the rank it is for.
+        send_P: int64 [P] routes this rank sends to each physical slot (row ``rank`` of ``transport``).
+        recv_WC: int64 [W, C] routes each rank sends to this rank's C slots (its columns).
+        quota_P: int64 [P] routes each physical slot computes (the column sums), every rank's.
+    """
+
+    rank: int
+    send_P: np.ndarray
+    recv_WC: np.ndarray
+    quota_P: np.ndarray
+
+    @property
+    def rank_load_W(self) -> np.ndarray:
+        """int64 [W] routes each rank computes."""
+        W, C = self.recv_WC.shape
+        return self.quota_P.reshape(W, C).sum(axis=1)
+
+    @classmethod
+    def of_dense(cls, send_WP: np.ndarray, rank: int, C: int) -> "RankSplit":
+        """Rank ``rank``'s part of a dense [W, P] split (``transport``, ``capacity_transport``)."""
+        return cls(rank, send_WP[rank], send_WP[:, rank * C:(rank + 1) * C], send_WP.sum(axis=0))
+
+
+def transport_rank(counts_WE: np.ndarray, placement: Placement, rank: int, prefer_local: bool = True,
+                   total_E=None) -> RankSplit:
+    """``transport`` for one rank: the row it sends, the columns it receives and every slot's
+    quota; the same integers as ``transport``'s, in O(E + W * (E_loc + X)) instead of the dense
+    O(W * P) (docs/control_path.md).
+
+    Args:
+        counts_WE: int64 [W, E] routes per source rank and logical expert (same on all ranks).
+        placement: the active placement. rank: this rank.
+        prefer_local: keep a rank's routes on its own copy where it has one.
+        total_E: int64 [E] the column sums of ``counts_WE``, if already at hand.
+    """
+    W, P, C = placement.ep_size, placement.phy2log_P.size, placement.slots_per_rank_total
+    counts_WE = np.asarray(counts_WE)
+    _check_counts(counts_WE, placement)
+    if not 0 <= rank < W:
+        raise ValueError(f"rank must lie in [0, W={W}), got {rank}")
+    if counts_WE.dtype != np.int64 or counts_WE.strides[1] != 8:
+        counts_WE = np.ascontiguousarray(counts_WE, dtype=np.int64)
+    total_E = counts_WE.sum(axis=0) if total_E is None else np.ascontiguousarray(total_E, dtype=np.int64)
+    out = np.empty(2 * P + W * C, dtype=np.int64)
+    if native.split_rank_into(counts_WE, total_E, _layout(placement), rank, C, placement.experts_per_rank, _ROUNDS,
+                              prefer_local, out):
+        return RankSplit(rank, out[:P], out[P:P + W * C].reshape(W, C), out[P + W * C:])
+    return RankSplit.of_dense(transport_numpy(counts_WE, placement, prefer_local), rank, C)
 
 
 def transport_numpy(counts_WE: np.ndarray, placement: Placement, prefer_local: bool = True) -> np.ndarray:

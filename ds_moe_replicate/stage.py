@@ -13,6 +13,7 @@ Legend: E logical experts, W ranks, P physical slots.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Callable, List, Optional
 
@@ -52,7 +53,8 @@ class ReplicationStage:
 
     def _init_stage(self, replication: ReplicationConfig) -> None:
         self.hooks = StatsHooks()
-        self.last_stats: Optional[StepStats] = None
+        self._last_stats: Optional[StepStats] = None
+        self._pending_stats: Optional[Callable[[], StepStats]] = None
         self.runs = 0
         self.uid = 0  # position among the model's replicated layers (configure_replication)
         self._changes = 0
@@ -203,14 +205,30 @@ class ReplicationStage:
             return fetched, x_TH + anchor, None
         return fetched, x_TH, anchor
 
-    def _stats(self, decision: Decision, counts_WE, send_WP, step: StepState, grad: bool) -> StepStats:
+    @property
+    def last_stats(self) -> Optional[StepStats]:
+        """The ``StepStats`` of the last replicated forward (None before any), built when first
+        read: a step nobody observes pays only for keeping its numbers (docs/control_path.md)."""
+        if self._pending_stats is not None:
+            self._last_stats, self._pending_stats = self._pending_stats(), None
+        return self._last_stats
+
+    def _stats(self, decision: Decision, total_E, split, step: StepState, grad: bool) -> Callable[[], StepStats]:
+        """The step's statistics, deferred: every number is taken now, the record is built on
+        demand (``step_stats``), so it does not depend on when it is read."""
         policy = self.policy
-        return step_stats(policy.step - 1, decision.placement, counts_WE, send_WP, policy.prediction,
-                          replanned=decision.replanned, activated=decision.activated, bytes_moved=step.moved,
-                          bytes_received=step.received, exposed_wait_ms=step.waited_ms,
-                          predictor=self.replication.predictor if policy.source == policy.predictor.source
-                          else name_of(EmaPredictor),
-                          prefetch_late=decision.late, training=grad)
+        return functools.partial(
+            step_stats, policy.step - 1, decision.placement, total_E, split, policy.prediction,
+            replanned=decision.replanned, activated=decision.activated, bytes_moved=step.moved,
+            bytes_received=step.received, exposed_wait_ms=step.waited_ms,
+            predictor=self.replication.predictor if policy.source == policy.predictor.source else name_of(EmaPredictor),
+            prefetch_late=decision.late, training=grad)
+
+    def _publish_stats(self, pending: Callable[[], StepStats]) -> None:
+        """Keep the step's deferred statistics; build and hand them to the hooks if any are registered."""
+        self._pending_stats = pending
+        if self.hooks:
+            self.hooks(self.last_stats)
 
     def _agree_replication_off(self, x: torch.Tensor) -> None:
         """Once per configuration, tell the other ranks that replication is off here: a rank with

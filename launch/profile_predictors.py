@@ -95,7 +95,7 @@ def install() -> None:
     _wrap(replicas.ReplicaStore, "land", "store.land (wait for weights)")
     replicas.flatten_expert = _timed("store.start: flatten home weights", replicas.flatten_expert)
     replicas.dist = _TimedDist(replicas.dist)
-    _wrap(layer, "transport", "split (transport)")
+    _wrap(layer, "transport_rank", "split (transport_rank)")
     _wrap(layer, "dispatch", "dispatch (permute + all-to-all)")
     _wrap(layer.ReplicatedMOELayer, "_run_slots", "experts (home + replica slots)")
     _wrap(layer, "combine", "combine (all-to-all + un-permute)")

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from ds_moe_replicate.dispatch import _route_slots, combine, dispatch
 from ds_moe_replicate.placement import Placement
 from ds_moe_replicate.planner import plan_replicas
-from ds_moe_replicate.split import capacity_transport, quotas, transport
+from ds_moe_replicate.split import capacity_transport, quotas, transport, transport_rank
 
 
 @st.composite
@@ -93,8 +93,7 @@ def test_single_rank_round_trip(k):
     weight = torch.rand(T, k)
     counts = torch.bincount(expert_TK[expert_TK >= 0], minlength=E).numpy()[None]
     pl = Placement.home(E, 1, 0)
-    send = transport(counts, pl)
-    rows, meta = dispatch(x, expert_TK, send, pl, 0, None)
+    rows, meta = dispatch(x, expert_TK, transport_rank(counts, pl, 0), pl, None)
     assert rows.shape[0] == int((expert_TK >= 0).sum()) == sum(meta.slot_rows_C)
     # Slot j's rows are exactly the tokens routed to expert j.
     start = 0

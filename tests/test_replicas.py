@@ -53,6 +53,16 @@ def test_table_marks_copies_stale_when_a_version_changes():
     # A different expert planned in a slot than the one resident there: not valid either.
     other = Placement.from_phy2log([0, 1, 3, 2, 3, 0], 2, 2, 1, version=2)
     assert table.valid(other, np.array([5, 7])).tolist() == [True, True, False, True, True, True]
+    # A plan that empties a slot still holding an old copy: the empty slot needs nothing, so the
+    # placement serves as it is (no rebuilt placement, no copies requested again every step).
+    emptied = Placement.from_phy2log([0, 1, -1, 2, 3, 0], 2, 2, 1, version=3)
+    valid = table.valid(emptied, np.array([5, 7]))
+    assert valid.all()
+    assert emptied.without(~valid) is emptied
+    assert emptied.without(np.array([False, False, True, False, False, False])) is emptied
+    # The answer follows the table: a new transfer into slot 5 makes it stale until it lands.
+    table.begin([Transfer(expert=1, src=0, dst=1, slot=0)], other, np.array([5, 7]))
+    assert not table.valid(emptied, np.array([5, 7]))[5]
 
 
 def test_store_follows_dtype_and_refuses_what_it_cannot_copy():

@@ -1,23 +1,28 @@
-"""Properties of the per-step split (``split.transport``, ``split.capacity_transport``).
+"""Properties of the per-step split (``split.transport``, ``split.transport_rank``,
+``split.capacity_transport``).
 
 Checked on random placements (any expert in any replica slot, at most one copy per rank) and on
 planner placements, against naive per-expert loops as oracles:
 
-- the compiled split (``split_native``) and its NumPy twin give the same integers;
+- the compiled split (``native``) and its NumPy twin give the same integers;
 - deterministic: the same counts and layout give the same integers, from a fresh cache too;
 - exact: every source rank sends each expert exactly its routes, only to slots holding it;
 - the dropless split's column sums are ``quotas``; with ``prefer_local`` a rank's routes go to its
   own copy up to that copy's quota, the rest follow the north-west corner rule;
 - the largest rank load is never above the home placement's (no replication);
+- per rank (``transport_rank``): each rank's row, columns and quotas are the dense split's, so
+  what rank w sends to rank r's slots is what rank r expects from w (ranks agree), with and
+  without the compiled library, also on a strided view of the gathered buffer;
 - capacity: no slot takes more than the source's capacity, an expert keeps
   min(routes, copies * capacity) from each source, filling the local copy first.
 """
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ds_moe_replicate import split, split_native
+from ds_moe_replicate import native, split
 from ds_moe_replicate.placement import Placement
 from ds_moe_replicate.planner import plan_replicas, split_loads
 
@@ -127,15 +132,52 @@ def test_transport_is_exact_and_follows_the_quotas(case):
 def test_the_compiled_split_is_built_here_and_the_twin_stands_in_without_it(monkeypatch):
     # NOTE: every CI machine of this project has a C compiler; a miss here means the split silently
     # fell back to NumPy (ten times slower), which this test should make loud.
-    assert split_native.available()
+    assert native.available()
     rng = np.random.default_rng(5)
     counts = rng.integers(0, 100, (8, 32)).astype(np.int64)
     counts[:, 3] += 900
     pl = plan_replicas(counts.sum(axis=0), 8, 2).placement()
     fast = split.transport(counts, pl)
-    monkeypatch.setattr(split_native, "_function", lambda: None)
-    assert not split_native.available()
+    monkeypatch.setattr(native, "_library", lambda: None)
+    assert not native.available()
     np.testing.assert_array_equal(split.transport(counts, pl), fast)
+
+
+@settings(max_examples=120, deadline=None)
+@given(cases(), st.booleans())
+def test_each_rank_gets_its_row_and_columns_of_the_split_and_the_ranks_agree(case, compiled):
+    counts, pl, local = case
+    W, C = pl.ep_size, pl.slots_per_rank_total
+    dense = split.transport_numpy(counts, pl, prefer_local=local)
+    # As the layer passes it: a strided view into the gathered buffer (header columns before it).
+    buf = np.zeros((W, 3 + counts.shape[1] + 2), dtype=np.int64)
+    buf[:, 3:3 + counts.shape[1]] = counts
+    view = buf[:, 3:3 + counts.shape[1]]
+    with_library = split.native._library
+    try:
+        if not compiled:
+            split.native._library = lambda: None
+        parts = [split.transport_rank(view, pl, r, local, total_E=counts.sum(axis=0)) for r in range(W)]
+    finally:
+        split.native._library = with_library
+    for r, part in enumerate(parts):
+        assert part.rank == r
+        np.testing.assert_array_equal(part.send_P, dense[r])
+        np.testing.assert_array_equal(part.recv_WC, dense[:, r * C:(r + 1) * C])
+        np.testing.assert_array_equal(part.quota_P, dense.sum(axis=0))
+        np.testing.assert_array_equal(part.rank_load_W, rank_load(dense.sum(axis=0), pl))
+    # Exact: every rank sends each expert exactly its routes; every slot receives its quota.
+    for r, part in enumerate(parts):
+        np.testing.assert_array_equal(per_expert(part.send_P[None], pl)[0], counts[r])
+        np.testing.assert_array_equal(part.recv_WC.sum(axis=0), part.quota_P[r * C:(r + 1) * C])
+        for w in range(W):
+            np.testing.assert_array_equal(parts[w].send_P[r * C:(r + 1) * C], part.recv_WC[w])
+
+
+def test_transport_rank_refuses_a_rank_outside_the_group():
+    pl = Placement.home(8, 2, 1)
+    with pytest.raises(ValueError, match="rank must lie"):
+        split.transport_rank(np.ones((2, 8), dtype=np.int64), pl, 2)
 
 
 @settings(max_examples=150, deadline=None)
@@ -148,6 +190,7 @@ def test_quotas_never_worse_than_home_and_deterministic(case):
     assert rank_load(quota, pl).max() <= home.max()
     # Same integers from a fresh cache and from an equal placement built anew (what another rank holds).
     split._cache.clear()
+    split._by_object.clear()
     twin = Placement.from_phy2log(pl.phy2log_P.copy(), pl.ep_size, pl.experts_per_rank, pl.slots_per_rank)
     np.testing.assert_array_equal(split.transport(counts, twin, local), split.transport(counts, pl, local))
     np.testing.assert_array_equal(split.quotas(counts, twin), quota)

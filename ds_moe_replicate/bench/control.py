@@ -4,26 +4,35 @@
 
 Emulated on one process: for each (E, W) every step draws a gathered ``[W, E]`` count matrix
 (Zipf-1.2 popularity over a random expert order, 4096 routes per rank, k = 1; the hot experts
-change every 20 steps) and runs the layer's own control code on it, S = 2 replica slots per rank:
+change every 20 steps) and runs the layer's own control code on it, as rank 0, S = 2 replica
+slots per rank. Each piece is the function the layer calls:
 
-- count: this rank's ``torch.bincount`` of its routes, then ``comm.gather_step`` (the real
-  function; its collective is replaced by a copy of the other ranks' rows, so what is timed is the
-  bookkeeping around it: payload, numpy view, status check, slicing) and the global sum;
-- split: ``split.transport`` on the active placement;
-- plan: the planner where it runs. History predictors (``ema``, ``window``) re-plan every
-  ``replan_interval`` steps with ``plan_replicas``, after the step's dispatch was started, so
-  off the critical path; ``lookahead`` / ``oracle`` plan every step before their split. Both
-  are timed: ``plan_replicas`` (what the controller calls today) and ``replan`` (incremental);
-- stats: rank tokens, balancedness, dropped tokens and ``layer.prediction_quality``.
+- count: ``gating.count_routes`` of this rank's routes (freshly written, as the gate leaves
+  them), the step's ``comm.Fingerprint`` (with the placement digest) and ``comm.gather_step``.
+  Its collective is replaced by a copy of the other ranks' rows; the copy's own time is measured
+  and subtracted (the collective is not control path), so what is timed is the bookkeeping
+  around it: payload, status and fingerprint checks, the sums over ranks;
+- decide: ``ReplicationPolicy.decide``. For the history predictors (``ema``, ``window``) it only
+  picks the serving placement; ``lookahead`` / ``oracle`` re-plan there every step (incrementally,
+  ``replan``), on the critical path, so for them it is reported as ``plan_us``;
+- split: ``split.transport_rank`` (the row this rank sends, the columns it receives, the quotas);
+- stats: what the layer does with the step's statistics when nothing observes them: it keeps
+  their numbers (``ReplicationStage._stats``, a deferred record); ``stats_build_us`` is the cost
+  of building the ``StepStats`` record (``hooks.step_stats``: rank loads, balancedness, dropped
+  tokens, prediction L1 / recall), paid when a stats hook (e.g. DeepSpeed's monitor) or
+  ``last_stats`` reads it;
+- close: ``ReplicationPolicy.close``: the predictor's update; for history predictors, every
+  ``replan_interval`` steps, also a plan from scratch (``plan_replicas``), issued after the
+  step's experts ran, so off the critical path: reported per call and amortised, not in the total.
 
 Two step loops per (E, W), medians over the steps:
 
-- history (EMA predictor, ``replan_interval`` = 4): count + split + stats per step
-  (``total_history_us``); its plan is reported per call and amortised per step, not added.
-- every step (an oracle that plans for the step's own counts, from its previous placement):
-  count + plan + split + stats (``total_us``, with ``replan``; ``total_full_plan_us`` with
-  ``plan_replicas``, as the controller does today). The split then often runs on a placement it
-  has not seen (its per-placement indices are built in that call).
+- history (EMA predictor, ``replan_interval`` = 4): ``total_history_us`` = count + decide + split
+  + stats + close (without its re-plan); ``total_history_observed_us`` the same with the stats
+  record built (a stats hook registered);
+- every step (an oracle that plans for the step's own counts from its previous placement; its
+  copies land at once): ``total_us`` = count + decide (``plan_us``) + split + stats + close;
+  ``plan_full_us`` times ``plan_replicas`` from scratch on the same counts, for comparison.
 
 Legend: E logical experts, W ranks, S replica slots per rank, T routes per rank.
 """
@@ -31,6 +40,7 @@ Legend: E logical experts, W ranks, S replica slots per rank, T routes per rank.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -43,11 +53,13 @@ import torch
 
 from .. import comm
 from ..config import ReplicationConfig
-from ..hooks import step_stats
+from ..gating import count_routes
 from ..placement import Placement, plan_transfers
 from ..planner import plan_replicas
 from ..policy import ReplicationPolicy
-from ..split import transport
+from ..replicas import ReplicaTable
+from ..split import transport_rank
+from ..stage import ReplicationStage, StepState
 
 __all__ = ["GRID", "measure", "main"]
 
@@ -58,21 +70,26 @@ REPLAN_INTERVAL = 4
 SWITCH_EVERY = 20
 
 DEFINITIONS = {
-    "count_us": "this rank's bincount of its routes + comm.gather_step bookkeeping (collective replaced by a copy) "
-                "+ global sum",
-    "split_us": "split.transport per step, history loop (placement changes every replan_interval steps)",
-    "split_every_step_us": "split.transport per step, every-step loop (placement from replan, often new)",
+    "count_us": "gating.count_routes + the step's Fingerprint + comm.gather_step bookkeeping (its collective "
+                "replaced by a copy whose time is subtracted)",
+    "decide_us": "ReplicationPolicy.decide, history loop (no plan at this point)",
+    "split_us": "split.transport_rank per step, history loop (placement changes every replan_interval steps)",
+    "split_every_step_us": "split.transport_rank per step, every-step loop (placement from replan, sometimes new)",
     "plan_us": "ReplicationPolicy.decide of the oracle per step (replan from the active placement, the cost "
-               "check, activation, plan_transfers): every-step predictors, on the critical path",
+               "check, activation) + plan_transfers when it changed: every-step predictors, on the critical path",
     "plan_full_us": "plan_replicas from scratch + placement + plan_transfers per call, every-step loop (for comparison)",
     "plan_history_us": "ReplicationPolicy.close at a re-plan (plan_replicas + cost check) + plan_transfers, "
                        "history loop (after the step's experts ran)",
     "plan_history_amortised_us": "plan_history_us / replan_interval",
-    "stats_us": "hooks.step_stats: rank tokens, balancedness, dropped tokens, prediction L1 / hot recall",
-    "total_us": "median per step of count + replan + split + stats, every-step loop (lookahead/oracle)",
-    "total_full_plan_us": "the same with plan_replicas from scratch instead of the policy's incremental plan",
-    "total_history_us": "median per step of count + split + stats, history loop (plan not included: off the "
-                        "critical path, see plan_history_amortised_us)",
+    "stats_us": "the layer's deferred statistics (ReplicationStage._stats: the step's numbers kept, no record built)",
+    "stats_build_us": "hooks.step_stats: the StepStats record (rank loads, balancedness, dropped tokens, prediction "
+                      "L1 / hot recall), built when a stats hook or last_stats reads it",
+    "close_us": "ReplicationPolicy.close at steps without a re-plan (the predictor's update)",
+    "total_us": "median per step of count + plan + split + stats + close, every-step loop (lookahead/oracle)",
+    "total_history_us": "median per step of count + decide + split + stats + close, history loop (the re-plan "
+                        "every replan_interval steps not included: off the critical path, see "
+                        "plan_history_amortised_us)",
+    "total_history_observed_us": "the same with the statistics record built (stats_build_us instead of stats_us)",
 }
 
 
@@ -95,23 +112,28 @@ def _routes(counts_E: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
 
 
 class _FakeGather:
-    """Stands in for the all-gather: writes the prepared rows of every rank into ``out``."""
+    """Stands in for the all-gather: writes the prepared rows of every rank into ``out`` and
+    keeps the time that took (the collective's, not the control path's)."""
 
-    def __init__(self, W: int) -> None:
-        self.W = W
+    def __init__(self) -> None:
         self.rows: torch.Tensor = torch.empty(0)
+        self.spent = 0.0
 
     def all_gather_into_tensor(self, out, payload, group=None):
+        t0 = time.perf_counter()
         out.copy_(self.rows.reshape(-1))
+        self.spent += time.perf_counter() - t0
 
 
-def _count(expert_TK: torch.Tensor, E: int, group) -> tuple:
-    """The layer's count bookkeeping: ``_gate``'s bincount, ``gather_step`` (with the step's
-    fingerprint, weights version and lookahead section), the global sum."""
-    taken = expert_TK[expert_TK >= 0]
-    counts_E = torch.bincount(taken, minlength=E)
-    g = comm.gather_step(counts_E, comm.Fingerprint(comm.SITE_LAYER, 1, 0, 0), group, tokens=expert_TK.shape[0])
-    return g.counts_WE, g.counts_WE.sum(axis=0)
+def _count(expert_TK: torch.Tensor, E: int, placement: Placement, group, fake: _FakeGather):
+    """The layer's count bookkeeping (``_gate``'s count, the fingerprint, ``gather_step``);
+    returns (Gathered, microseconds without the stand-in collective)."""
+    fake.spent = 0.0
+    t0 = time.perf_counter()
+    counts_E = count_routes(expert_TK, E)
+    fingerprint = comm.Fingerprint(comm.SITE_LAYER, 1, placement.version, placement.digest(), 0, 1, 0)
+    g = comm.gather_step(counts_E, fingerprint, group, tokens=expert_TK.shape[0], version=0)
+    return g, _us(t0) - fake.spent * 1e6
 
 
 def _us(t0: float) -> float:
@@ -123,92 +145,116 @@ def _policy(E: int, W: int, predictor: str) -> ReplicationPolicy:
     return ReplicationPolicy(cfg, E, W)
 
 
-def _all_valid(placement: Placement) -> np.ndarray:
-    return np.ones(placement.phy2log_P.size, dtype=bool)
+class _Resident:
+    """The layer's record of which copies are resident (``replicas.ReplicaTable``), kept as the
+    layer keeps it when copies land at once: what ``decide`` asks every step (``valid``)."""
+
+    def __init__(self, P: int, W: int) -> None:
+        self.table = ReplicaTable(P)
+        self.version_W = np.zeros(W, dtype=np.int64)
+
+    def transfers(self, new: Placement):
+        """The copies the layer moves for ``new`` (``ReplicationStage._move``): those not resident."""
+        return plan_transfers(new.without(~self.valid(new)), new)
+
+    def landed(self, new: Placement, transfers) -> None:
+        self.table.begin(transfers, new, self.version_W)
+        self.table.commit()
+
+    def valid(self, placement: Placement) -> np.ndarray:
+        return self.table.valid(placement, self.version_W)
 
 
 def measure(E: int, W: int, steps: int = 60, seed: int = 0) -> Dict[str, float]:
     """One row of the table: medians in microseconds (see ``DEFINITIONS``). The plans, the
-    activation and the statistics are the layer's own code (``ReplicationPolicy``, ``step_stats``)."""
+    activation, the split and the statistics are the layer's own code (``ReplicationPolicy``,
+    ``transport_rank``, ``step_stats``)."""
     rng = np.random.default_rng(seed)
     counts = _steps(E, W, steps, rng)
     routes = [_routes(c[0], rng) for c in counts]
-    fake = _FakeGather(W)
-    head = np.zeros((W, comm.HEADER), dtype=np.int64)
-    head[:, 1] = TOKENS
-    head[:, 2] = 1
-    head[:, comm._HEAD:] = comm.Fingerprint(comm.SITE_LAYER, 1, 0, 0).values()
-    # Every rank's payload as the all-gather returns it: header, counts, (empty) lookahead section.
-    payloads = [torch.from_numpy(np.concatenate([head, c, np.zeros_like(c)], axis=1)) for c in counts]
-    t: Dict[str, List[float]] = {k: [] for k in ("count", "split", "split_every", "plan", "plan_full",
-                                                 "plan_history", "stats", "total", "total_full", "total_history")}
+    fake = _FakeGather()
+    t: Dict[str, List[float]] = {k: [] for k in ("count", "decide", "split", "split_every", "plan", "plan_full",
+                                                 "plan_history", "stats", "stats_build", "close", "total",
+                                                 "total_history", "total_history_observed")}
     with mock.patch.object(comm, "dist", SimpleNamespace(all_gather_into_tensor=fake.all_gather_into_tensor)), \
             mock.patch.object(comm, "group_size", lambda group: W):
-        # History loop: EMA, re-planned every REPLAN_INTERVAL steps after the step's experts ran.
-        policy = _policy(E, W, "ema")
-        for s in range(steps):
-            fake.rows = payloads[s]
-            t0 = time.perf_counter()
-            counts_WE, global_E = _count(routes[s], E, object())
-            c_us = _us(t0)
-            decision = policy.decide(global_E, True, _all_valid, grad=False)
-            t0 = time.perf_counter()
-            send_WP = transport(counts_WE, decision.placement)
-            s_us = _us(t0)
-            t0 = time.perf_counter()
-            step_stats(s, decision.placement, counts_WE, send_WP, policy.prediction)
-            st_us = _us(t0)
-            t0 = time.perf_counter()
-            new = policy.close(global_E, decision.placement, grad=False)
-            if new is not None:
-                plan_transfers(decision.placement, new)
-                t["plan_history"].append(_us(t0))
-            t["count"].append(c_us)
-            t["split"].append(s_us)
-            t["stats"].append(st_us)
-            t["total_history"].append(c_us + s_us + st_us)
-
-        # Every-step loop: the oracle plans for this step's counts (incrementally, ``replan``) and
-        # its copies land at once; ``plan_replicas`` from scratch is timed beside it.
-        policy = _policy(E, W, "oracle")
-        for s in range(steps):
-            fake.rows = payloads[s]
-            t0 = time.perf_counter()
-            counts_WE, global_E = _count(routes[s], E, object())
-            c_us = _us(t0)
-            t0 = time.perf_counter()
-            full = plan_replicas(global_E, W, SLOTS).placement()
-            plan_transfers(policy.active, full)
-            f_us = _us(t0)
-            t0 = time.perf_counter()
-            decision = policy.decide(global_E, True, _all_valid, grad=False)
-            if decision.prefetch_now:
-                plan_transfers(policy.active, decision.prefetch)
-                policy.land_pending()
-            p_us = _us(t0)
-            t0 = time.perf_counter()
-            send_WP = transport(counts_WE, decision.placement)
-            s_us = _us(t0)
-            t0 = time.perf_counter()
-            step_stats(s, decision.placement, counts_WE, send_WP, policy.prediction)
-            st_us = _us(t0)
-            policy.close(global_E, decision.placement, grad=False)
-            t["split_every"].append(s_us)
-            t["plan"].append(p_us)
-            t["plan_full"].append(f_us)
-            t["total"].append(c_us + p_us + s_us + st_us)
-            t["total_full"].append(c_us + f_us + s_us + st_us)
+        for every_step in (False, True):
+            policy = _policy(E, W, "oracle" if every_step else "ema")
+            # The layer's own statistics step (ReplicationStage._stats) on this policy.
+            stage = SimpleNamespace(policy=policy, replication=policy.config,
+                                    _stats=None)
+            stage._stats = functools.partial(ReplicationStage._stats, stage)
+            step = StepState()
+            resident = _Resident(policy.home.phy2log_P.size, W)
+            for s in range(steps):
+                # Every rank's payload as the all-gather returns it: header (with this rank's
+                # fingerprint), counts, an empty lookahead section.
+                active = policy.active
+                head = np.zeros((W, comm.HEADER), dtype=np.int64)
+                head[:, 1] = TOKENS
+                head[:, 2] = 1
+                head[:, comm._HEAD:] = comm.Fingerprint(comm.SITE_LAYER, 1, active.version, active.digest(), 0, 1,
+                                                        0).values()
+                fake.rows = torch.from_numpy(np.concatenate([head, counts[s], np.zeros_like(counts[s])], axis=1))
+                # NOTE: the layer counts routes its gate has just written; a fresh copy stands in
+                # for that write (untimed), so the count does not read them cold from memory.
+                g, c_us = _count(routes[s].clone(), E, active, object(), fake)
+                if every_step:
+                    t0 = time.perf_counter()
+                    plan_transfers(policy.active, plan_replicas(g.total_E, W, SLOTS).placement())
+                    t["plan_full"].append(_us(t0))
+                t0 = time.perf_counter()
+                decision = policy.decide(g.total_E, True, resident.valid, grad=False)
+                if decision.prefetch_now:
+                    resident.landed(decision.prefetch, resident.transfers(decision.prefetch))
+                    policy.land_pending()
+                d_us = _us(t0)
+                t0 = time.perf_counter()
+                split = transport_rank(g.counts_WE, decision.placement, 0, True, total_E=g.total_E)
+                s_us = _us(t0)
+                t0 = time.perf_counter()
+                pending = stage._stats(decision, g.total_E, split, step, False)
+                st_us = _us(t0)
+                t0 = time.perf_counter()
+                pending()
+                sb_us = _us(t0)
+                t0 = time.perf_counter()
+                new = policy.close(g.total_E, decision.placement, grad=False)
+                transfers = resident.transfers(new) if new is not None else None
+                cl_us = _us(t0)
+                if new is not None:  # the copies land before the next step (untimed: transfers)
+                    resident.landed(new, transfers)
+                replanned = not every_step and s % REPLAN_INTERVAL == 0
+                if replanned:
+                    t["plan_history"].append(cl_us)
+                else:
+                    t["close"].append(cl_us)
+                if every_step:
+                    t["split_every"].append(s_us)
+                    t["plan"].append(d_us)
+                    t["total"].append(c_us + d_us + s_us + st_us + cl_us)
+                else:
+                    t["count"].append(c_us)
+                    t["stats"].append(st_us)
+                    t["stats_build"].append(sb_us)
+                    t["decide"].append(d_us)
+                    t["split"].append(s_us)
+                    if not replanned:
+                        t["total_history"].append(c_us + d_us + s_us + st_us + cl_us)
+                        t["total_history_observed"].append(c_us + d_us + s_us + sb_us + cl_us)
     med = {k: statistics.median(v) if v else float("nan") for k, v in t.items()}
-    return dict(E=E, W=W, S=SLOTS, steps=steps, count_us=med["count"], split_us=med["split"],
+    return dict(E=E, W=W, S=SLOTS, steps=steps, count_us=med["count"], decide_us=med["decide"], split_us=med["split"],
                 split_every_step_us=med["split_every"], plan_us=med["plan"], plan_full_us=med["plan_full"],
                 plan_history_us=med["plan_history"], plan_history_amortised_us=med["plan_history"] / REPLAN_INTERVAL,
-                stats_us=med["stats"], total_us=med["total"], total_full_plan_us=med["total_full"],
-                total_history_us=med["total_history"])
+                stats_us=med["stats"], stats_build_us=med["stats_build"], close_us=med["close"],
+                total_us=med["total"], total_history_us=med["total_history"],
+                total_history_observed_us=med["total_history_observed"])
 
 
 def table(rows: List[dict]) -> str:
-    cols = ["E", "W", "count_us", "split_us", "split_every_step_us", "plan_us", "plan_full_us",
-            "plan_history_amortised_us", "stats_us", "total_us", "total_full_plan_us", "total_history_us"]
+    cols = ["E", "W", "count_us", "decide_us", "split_us", "split_every_step_us", "plan_us", "plan_full_us",
+            "plan_history_amortised_us", "stats_us", "stats_build_us", "close_us", "total_us", "total_history_us",
+            "total_history_observed_us"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(str(r[c]) if c in ("E", "W") else f"{r[c]:.0f}" for c in cols) + " |")
@@ -226,9 +272,9 @@ def main(argv=None) -> int:
     print(f"Control path per layer per step, microseconds (medians over {args.steps} steps), S={SLOTS}, "
           f"{TOKENS} routes per rank, Zipf-1.2, hot experts redrawn every {SWITCH_EVERY} steps")
     print(table(rows))
-    print("total_us: count + replan + split + stats (lookahead/oracle: plan every step, on the critical path); "
-          "total_full_plan_us: the same with plan_replicas; total_history_us: count + split + stats "
-          f"(ema/window: plan every {REPLAN_INTERVAL} steps, off the critical path, amortised in "
+    print("total_us: count + plan + split + stats + close (lookahead/oracle: plan every step, on the critical "
+          "path); total_history_us: count + decide + split + stats + close (ema/window: plan every "
+          f"{REPLAN_INTERVAL} steps after the experts ran, off the critical path, amortised in "
           "plan_history_amortised_us)")
     if args.out:
         with open(args.out, "w") as fh:

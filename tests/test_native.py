@@ -1,0 +1,113 @@
+"""The compiled control path (``native``) against its NumPy / torch twins: the step's gathered
+buffer (sums over ranks, failure and fingerprint flags), the route count and the prediction
+statistics; and ``comm.gather_step`` gives the same answers with and without the library."""
+
+from types import SimpleNamespace
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ds_moe_replicate import comm, native
+from ds_moe_replicate.gating import count_routes
+from ds_moe_replicate.hooks import prediction_quality, prediction_quality_numpy
+
+
+@pytest.fixture
+def no_library(monkeypatch):
+    monkeypatch.setattr(native, "_library", lambda: None)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 40), st.integers(0, 2**31 - 1), st.booleans(), st.booleans())
+def test_gather_sums_match_numpy(W, E, seed, failed, differ):
+    rng = np.random.default_rng(seed)
+    head, lo, hi = 6, 2, 6
+    buf = rng.integers(0, 1000, (W, head + 2 * E)).astype(np.int64)
+    buf[:, 0] = 0
+    buf[:, lo:hi] = buf[0, lo:hi]
+    if failed:
+        buf[rng.integers(W), 0] = 3
+    if differ and W > 1:
+        buf[1 + rng.integers(W - 1), lo + rng.integers(hi - lo)] += 1
+    flags, sum_E, ahead_E = native.gather_sums(buf, head, lo, hi, E)
+    assert flags == int(failed) | 2 * int(differ and W > 1)
+    np.testing.assert_array_equal(sum_E, buf[:, head:head + E].sum(axis=0))
+    np.testing.assert_array_equal(ahead_E, buf[:, head + E:].sum(axis=0))
+    _, _, skipped = native.gather_sums(buf, head, lo, hi, E, ahead=False)
+    assert not skipped.any()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 300), st.integers(1, 3), st.integers(1, 70), st.integers(0, 2**31 - 1))
+def test_count_routes_matches_bincount(T, K, E, seed):
+    rng = np.random.default_rng(seed)
+    expert_TK = torch.from_numpy(rng.integers(-1, E, (T, K)))
+    want = torch.bincount(expert_TK[expert_TK >= 0], minlength=E)
+    got = count_routes(expert_TK, E)
+    assert got.dtype == torch.int64 and got.shape == (E,)
+    assert torch.equal(got, want)
+    # The device path (used on GPUs) on the host gives the same counts.
+    with mock.patch.object(native, "_library", lambda: None):
+        assert torch.equal(count_routes(expert_TK, E), want)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 64), st.integers(1, 16), st.integers(0, 2**31 - 1), st.booleans())
+def test_prediction_quality_matches_its_twin(E, W, seed, zero_actual):
+    rng = np.random.default_rng(seed)
+    pred = rng.random(E) * (rng.random(E) < 0.8)
+    act = np.zeros(E, dtype=np.int64) if zero_actual else rng.integers(0, 500, E) * (rng.random(E) < 0.5)
+    act[rng.integers(E)] += 0 if zero_actual else 3000
+    l1, recall = prediction_quality(pred, act, W)
+    l1_np, recall_np = prediction_quality_numpy(pred, act, W)
+    assert l1 == pytest.approx(l1_np, rel=1e-12, abs=1e-12)
+    assert recall == recall_np
+    assert all(np.isnan(v) for v in prediction_quality(None, act, W))
+
+
+def _gather(W, E, rows_WN, counts_E, ahead_E=None):
+    """``gather_step`` as rank 0 of W, the collective replaced by the prepared rows."""
+
+    def fake(out, payload, group=None):
+        want = rows_WN.copy()
+        want[0] = payload.numpy()  # this rank's own row is what it sent
+        out.copy_(torch.from_numpy(want).reshape(-1))
+
+    with mock.patch.object(comm, "dist", SimpleNamespace(all_gather_into_tensor=fake)), \
+            mock.patch.object(comm, "group_size", lambda group: W), mock.patch.object(comm, "group_rank",
+                                                                                     lambda group: 0):
+        return comm.gather_step(counts_E, comm.Fingerprint(comm.SITE_LAYER, 7), object(), tokens=5, ahead_E=ahead_E)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_gather_step_sums_flags_and_payload(compiled, monkeypatch):
+    if not compiled:
+        monkeypatch.setattr(native, "_library", lambda: None)
+    W, E = 3, 5
+    rng = np.random.default_rng(0)
+    rows = np.zeros((W, comm.HEADER + 2 * E), dtype=np.int64)
+    rows[:, comm._HEAD:comm.HEADER] = comm.Fingerprint(comm.SITE_LAYER, 7).values()
+    rows[:, comm.HEADER:] = rng.integers(0, 9, (W, 2 * E))
+    counts = torch.tensor([1, 0, 4, 2, 3])
+    ahead = torch.tensor([0, 5, 0, 0, 1])
+    g = _gather(W, E, rows, counts, ahead)
+    want = rows.copy()
+    want[0, comm.HEADER:comm.HEADER + E] = counts.numpy()
+    want[0, comm.HEADER + E:] = ahead.numpy()
+    np.testing.assert_array_equal(g.counts_WE, want[:, comm.HEADER:comm.HEADER + E])
+    np.testing.assert_array_equal(g.total_E, want[:, comm.HEADER:comm.HEADER + E].sum(axis=0))
+    np.testing.assert_array_equal(g.ahead_total_E, want[:, comm.HEADER + E:].sum(axis=0))
+    assert g.tokens_W[0] == 5
+    # Another rank failed: raised here too; another rank disagrees: told which field.
+    bad = rows.copy()
+    bad[2, 0] = 2
+    with pytest.raises(comm.ReplicationError, match="rank 2: expert computation"):
+        _gather(W, E, bad, counts)
+    bad = rows.copy()
+    bad[1, comm._HEAD + 1] = 8
+    with pytest.raises(comm.ReplicationError, match="config"):
+        _gather(W, E, bad, counts)
