@@ -13,9 +13,11 @@ Legend: E logical experts, W ranks, P physical slots.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import hashlib
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -99,6 +101,36 @@ class ReplicationStage:
             self.table.cancel()
         self.weights_changed()
         return super()._apply(fn, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def shadow(self, enabled: bool = True) -> Iterator[None]:
+        """Forwards with gradients inside the block leave the replication state as it was: the
+        policy (serving placement, plans, predictor history, step counter), the forward count and
+        the last statistics are restored when the block ends. ``enabled=False`` runs the stock
+        forward inside the block (the configuration is swapped back afterwards, nothing is reset). Only the counter of the
+        point-to-point tags keeps advancing, so no later transfer reuses a tag of the block's.
+
+        For checks on the same weights and batch as a training step (``train_lm``'s
+        ``--check-exact-every``). Every rank of the group must enter and leave the block at the
+        same point, and run the same forwards inside it (they are collective). Steps without
+        gradients would prefetch into the replica store, which is not restored: refused.
+        """
+        if not torch.is_grad_enabled():
+            raise RuntimeError("shadow() restores the policy only for forwards with gradients (no store prefetch)")
+        saved = copy.copy(self.policy)
+        saved.predictor = copy.deepcopy(self.policy.predictor)
+        runs, replication, agreed_off = self.runs, self.replication, self._agreed_off
+        stats = self._last_stats, self._pending_stats
+        if not enabled:
+            self.replication = replication.model_copy(update={"enabled": False})
+        try:
+            yield
+        finally:
+            transfers = self.policy.transfers
+            self.policy, self.runs = saved, runs
+            self.policy.transfers = transfers
+            self.replication, self._agreed_off = replication, agreed_off
+            self._last_stats, self._pending_stats = stats
 
     def home_params(self) -> List[torch.Tensor]:
         return [p for e in self.home_experts for p in e.parameters()]

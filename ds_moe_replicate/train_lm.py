@@ -16,7 +16,9 @@ is scored in eval mode. ``DIR`` receives:
 - ``trace_train.json``: routes per expert of every layer at every training step;
 - ``trace_heldout.json``: the same for the batches of the final held-out evaluation;
 - ``summary.json``: per-step loss, held-out loss before/after, tokens/s, balancedness, the data
-  split, the settings and where the files are.
+  split, the settings and where the files are; with ``--check-exact-every N``, ``exact_check``:
+  every N-th step, the step's loss and gradients with replication on against the stock layer's on
+  the same weights and batch (``exact_check``).
 
 Legend: B sequences per rank, S positions, L MoE layers, E experts, W expert-parallel ranks.
 """
@@ -24,6 +26,8 @@ Legend: B sequences per rank, S positions, L MoE layers, E experts, W expert-par
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -43,7 +47,7 @@ from .runtime import all_reduce, timed
 from .stdlib_text import HELD_OUT_SHARE, Corpus, load_corpus
 from .traces import TraceRecorder
 
-__all__ = ["heldout_loss", "train", "main"]
+__all__ = ["heldout_loss", "exact_check", "train", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +103,66 @@ def heldout_loss(engine, windows_BS: torch.Tensor, batch: int, observer: Optiona
     return out
 
 
+def _loss_and_grads(model, x: torch.Tensor, params: List[torch.nn.Parameter], aux_loss_coef: float, rng: torch.Tensor):
+    torch.set_rng_state(rng)
+    logits = model(x[:, :-1])
+    lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+    l_aux = model.l_aux
+    grads = torch.autograd.grad(lm_loss + aux_loss_coef * l_aux, params, allow_unused=True)
+    return float(lm_loss.detach()), float(l_aux.detach()), [None if g is None else g.detach() for g in grads]
+
+
+def _rel(a: float, b: float) -> float:
+    return 0.0 if a == b else abs(a - b) / max(abs(b), 1e-30)
+
+
+def exact_check(model, x: torch.Tensor, aux_loss_coef: float) -> Dict[str, float]:
+    """This rank's differences between the replicated and the stock layer on one training batch.
+
+    On the current weights, runs the model twice on ``x`` (int64 [B, S + 1]) and differentiates
+    the training loss with ``torch.autograd.grad`` (nothing reaches ``.grad``, the optimizer and
+    the DeepSpeed engine are not touched): once with replication as configured, once with every
+    MoE layer on the stock forward. Each layer's replication state is restored afterwards
+    (``ReplicationStage.shadow``), and the random state is the same for both forwards and
+    restored, so the training step that follows runs as it would without the check. Collective:
+    call on every rank at the same step. ``model`` is ``engine.module``.
+
+    Returns:
+        ``loss_rel_diff`` (LM loss), ``l_aux_rel_diff``, ``grad_rel_diff_max`` (over parameters,
+        ``||g_rep - g_off|| / ||g_off||``), ``replicas_active`` (replica slots the replicated
+        forward used, all layers) and ``lm_loss_rep`` (this rank's replicated LM loss).
+    """
+    layers = [m.deepspeed_moe for m in model.moe_layers()]
+    params = [p for p in model.parameters() if p.requires_grad]
+    rng = torch.get_rng_state()
+    with contextlib.ExitStack() as stack:
+        for layer in layers:
+            stack.enter_context(layer.shadow(enabled=True))
+        runs = [layer.runs for layer in layers]
+        lm_rep, aux_rep, g_rep = _loss_and_grads(model, x, params, aux_loss_coef, rng)
+        if any(layer.runs != r + 1 for layer, r in zip(layers, runs)) or not layers[0].replication.enabled:
+            raise RuntimeError("exact check: the replicated forward did not run in every MoE layer")
+        replicas = sum(layer.last_stats.num_replicas for layer in layers)
+    with contextlib.ExitStack() as stack:
+        for layer in layers:
+            stack.enter_context(layer.shadow(enabled=False))
+        runs = [layer.runs for layer in layers]
+        lm_off, aux_off, g_off = _loss_and_grads(model, x, params, aux_loss_coef, rng)
+        if any(layer.runs != r for layer, r in zip(layers, runs)):
+            raise RuntimeError("exact check: a replicated forward ran with replication off")
+    torch.set_rng_state(rng)
+    worst = 0.0
+    for a, b in zip(g_rep, g_off):
+        if a is None and b is None:
+            continue
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        num, den = float((a.double() - b.double()).norm()), float(b.double().norm())
+        worst = max(worst, 0.0 if num == 0.0 else (num / den if den > 0.0 else math.inf))
+    return dict(loss_rel_diff=_rel(lm_rep, lm_off), l_aux_rel_diff=_rel(aux_rep, aux_off), grad_rel_diff_max=worst,
+                replicas_active=float(replicas), lm_loss_rep=lm_rep)
+
+
 def _ds_config(args) -> Dict:
     with open(args.deepspeed_config, encoding="utf-8") as fh:
         ds_config = json.load(fh)
@@ -135,6 +199,9 @@ def train(args) -> Optional[Dict]:
     configured = configure_replication(engine)
     replication = model.moe_layers()[0].replication
     logger.info("%d ReplicatedMoE layers, moe_replication=%s", configured, replication.model_dump())
+    if args.check_exact_every and not replication.enabled:
+        raise ValueError("--check-exact-every compares replication on with off: it needs an enabled moe_replication "
+                         "section (not --no-replication)")
     group = model.moe_layers()[0].deepspeed_moe.ep_group
     observer = RoutingObserver(model.moe_layers(), group)
 
@@ -153,16 +220,32 @@ def train(args) -> Optional[Dict]:
     engine.train()
     t_train = time.perf_counter()
 
-    def train_step() -> torch.Tensor:
-        x = next(data).to(device)
+    def train_step(x: torch.Tensor) -> torch.Tensor:
         logits = engine(x[:, :-1])
         lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
         engine.backward(lm_loss + args.aux_loss_coef * model.l_aux)
         engine.step()
         return lm_loss
 
+    checks: List[Dict] = []
     for step in range(args.steps):
-        lm_loss, step_ms = timed(train_step)
+        x = next(data).to(device)
+        check = None
+        if args.check_exact_every and step % args.check_exact_every == 0:
+            check = exact_check(engine.module, x, args.aux_loss_coef)
+        lm_loss, step_ms = timed(functools.partial(train_step, x))
+        if check is not None:
+            # The step's own forward must have computed what the check's replicated forward did.
+            differs = float(float(lm_loss.detach()) != check["lm_loss_rep"])
+            worst = torch.tensor([check["loss_rel_diff"], check["l_aux_rel_diff"], check["grad_rel_diff_max"],
+                                  check["replicas_active"], differs], dtype=torch.float64)
+            worst = all_reduce(worst, dist.ReduceOp.MAX)
+            checks.append(dict(step=step, loss_rel_diff=float(worst[0]), l_aux_rel_diff=float(worst[1]),
+                               grad_rel_diff_max=float(worst[2]), replicas_active=int(worst[3]),
+                               same_as_step=not bool(worst[4])))
+            logger.info("exact check at step %d: loss rel diff %.2e, l_aux rel diff %.2e, grad rel diff (max over "
+                        "parameters) %.2e, %d replicas, step forward identical: %s", step, *worst[:3].tolist(),
+                        int(worst[3]), not bool(worst[4]))
         seen = observer.take(W)
         for j, c in enumerate(seen["counts_LE"]):
             recorder.record(j, c)
@@ -212,6 +295,14 @@ def train(args) -> Optional[Dict]:
         tokens_per_s_median=float(np.median([h["tokens_per_s"] for h in history])) if history else 0.0,
         train_seconds=round(train_seconds, 1), seconds=round(time.perf_counter() - t_start, 1),
         files=files, history=history, args=vars(args))
+    if args.check_exact_every:
+        summary["exact_check"] = checks
+        summary["exact_check_max"] = {key: max(c[key] for c in checks) for key in
+                                      ("loss_rel_diff", "l_aux_rel_diff", "grad_rel_diff_max")} if checks else {}
+        summary["exact_check_note"] = (
+            "every exact_check_every-th step: before the step, two extra forwards + autograd.grad on the same weights "
+            "and batch (replication as configured, then the stock layer); max over ranks; replication state and "
+            "random state restored, same_as_step: the step's own LM loss equalled the check's replicated one bitwise")
     with open(os.path.join(args.out, files["summary"]), "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=1)
     logger.info("wrote %s: %s", args.out, ", ".join(files.values()))
@@ -244,6 +335,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-files", type=int, default=None, help="read only the first files (sorted paths)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--check-exact-every", type=int, default=0, metavar="N",
+                    help="every N-th step, compare the loss and every gradient with replication on against the stock "
+                         "layer on the same weights and batch (extra forwards; summary.json 'exact_check'; 0 = off)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -251,6 +345,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--aux-loss-coef must be >= 0, got {args.aux_loss_coef}")
     if args.steps < 0 or args.heldout_seqs < 1:
         ap.error("--steps must be >= 0 and --heldout-seqs >= 1")
+    if args.check_exact_every < 0:
+        ap.error(f"--check-exact-every must be >= 0, got {args.check_exact_every}")
     return args
 
 

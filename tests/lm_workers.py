@@ -65,3 +65,33 @@ def lm_eval(rank, run_dir, eval_size):
 
     return run_lm_eval(EvalArgs(model=run_dir, task="stdlib", eval_size=eval_size, batch_size=3, max_len=32,
                                 progress=False))
+
+
+def train_checked(rank, out, steps, broken_steps):
+    """Train the tiny model with ``--check-exact-every 1`` (replicas planned at every step, at no
+    cost); then, with every replica's output scaled by 1 + 1e-2 (a wrong replicated path), for
+    ``broken_steps`` more steps. Returns (summary, summary of the broken run) on rank 0."""
+    import json
+
+    from ds_moe_replicate.layer import ReplicatedMOELayer
+    from ds_moe_replicate.train_lm import parse_args, train
+
+    with open("configs/train_demo.json") as fh:
+        config = json.load(fh)
+    config["moe_replication"].update(replan_interval=1, replica_cost=0.0)
+    path = os.path.join(out, "ds_config.json")
+    with open(path, "w") as fh:
+        json.dump(config, fh)
+    common = TINY + ["--deepspeed_config", path, "--eval-batch", "1", "--check-exact-every", "1"]
+    good = train(parse_args(common + ["--steps", str(steps), "--out", os.path.join(out, "good")]))
+    honest = ReplicatedMOELayer._run_replica
+
+    def wrong(self, *args):
+        return honest(self, *args) * (1.0 + 1e-2)
+
+    ReplicatedMOELayer._run_replica = wrong
+    try:
+        bad = train(parse_args(common + ["--steps", str(broken_steps), "--out", os.path.join(out, "bad")]))
+    finally:
+        ReplicatedMOELayer._run_replica = honest
+    return (good, bad) if rank == 0 else None

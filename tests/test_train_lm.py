@@ -87,3 +87,20 @@ def test_training_records_traces_and_replication_off_gives_the_same_losses(tmp_p
     # Replication never changes what is computed: same losses step by step, same held-out loss.
     np.testing.assert_allclose([h["loss"] for h in on["history"]], [h["loss"] for h in off["history"]], rtol=1e-5)
     assert on["heldout"]["loss_after"] == pytest.approx(off["heldout"]["loss_after"], rel=1e-5)
+
+
+def test_exact_check_compares_replicated_and_stock_steps_on_the_same_weights(tmp_path):
+    steps = 4
+    good, bad = run_ranks(lm_workers.train_checked, 2, str(tmp_path), steps, 2, timeout=240)[0]
+    checks = good["exact_check"]
+    assert [c["step"] for c in checks] == list(range(steps))
+    # Measured on every checked step: replicated loss and every gradient against the stock layer's.
+    for c in checks:
+        assert c["loss_rel_diff"] <= 1e-5 and c["l_aux_rel_diff"] <= 1e-5 and c["grad_rel_diff_max"] <= 1e-5, c
+        # The step's own forward computed exactly what the check's replicated forward did.
+        assert c["same_as_step"], c
+    assert any(c["replicas_active"] > 0 for c in checks)
+    assert good["exact_check_max"]["grad_rel_diff_max"] == max(c["grad_rel_diff_max"] for c in checks)
+    # A replicated path that computes wrongly (replica outputs off by 1%) is caught.
+    assert any(c["replicas_active"] > 0 for c in bad["exact_check"])
+    assert max(c["grad_rel_diff_max"] for c in bad["exact_check"]) > 1e-4, bad["exact_check"]
