@@ -21,7 +21,8 @@ def train_twice(rank, out, steps):
         config = json.load(fh)
     # Re-plan at every step, so the held-out pass after training runs with replicas.
     config["moe_replication"]["replan_interval"] = 1
-    path = os.path.join(out, "ds_config.json")
+    # NOTE: one file per rank: ranks writing one shared file raced (a rank read it half-written).
+    path = os.path.join(out, f"ds_config_rank{rank}.json")
     with open(path, "w") as fh:
         json.dump(config, fh)
     common = TINY + ["--steps", str(steps), "--deepspeed_config", path, "--eval-batch", "1"]
@@ -79,7 +80,8 @@ def train_checked(rank, out, steps, broken_steps):
     with open("configs/train_demo.json") as fh:
         config = json.load(fh)
     config["moe_replication"].update(replan_interval=1, replica_cost=0.0)
-    path = os.path.join(out, "ds_config.json")
+    # NOTE: one file per rank: ranks writing one shared file raced (a rank read it half-written).
+    path = os.path.join(out, f"ds_config_rank{rank}.json")
     with open(path, "w") as fh:
         json.dump(config, fh)
     common = TINY + ["--deepspeed_config", path, "--eval-batch", "1", "--check-exact-every", "1"]

@@ -1,6 +1,6 @@
 """Control-path benchmark: per layer per step, everything that is not expert compute or all-to-all.
 
-    python -m ds_moe_replicate.bench.control [--out FILE.json] [--steps 60]
+    python -m ds_moe_replicate.bench.control [--out FILE.json] [--steps 100]
 
 Emulated on one process: for each (E, W) every step draws a gathered ``[W, E]`` count matrix
 (Zipf-1.2 popularity over a random expert order, 4096 routes per rank, k = 1; the hot experts
@@ -264,7 +264,7 @@ def table(rows: List[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write the rows (and what each field means) here as JSON")
-    ap.add_argument("--steps", type=int, default=60, help="steps per loop (medians over them; at least 50)")
+    ap.add_argument("--steps", type=int, default=100, help="steps per loop (medians over them; at least 50)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # NOTE: as under the launcher (OMP_NUM_THREADS=1); tiny ops only lose from threads
