@@ -14,7 +14,6 @@ Legend: W expert-parallel ranks, E logical experts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -150,10 +149,10 @@ _HEAD = 5
 HEADER = _HEAD + len(Fingerprint.HINTS)
 
 
-@dataclass
 class Gathered:
-    """What every rank learns from a step's all-gather (identical on every rank; read-only by
-    convention: a plain dataclass, as a frozen one costs microseconds to build every step).
+    """What every rank learns from a step's all-gather (identical on every rank), read from the
+    gathered buffer on demand (each field is a view or a small array; building them all every step
+    costs more than the step reads).
 
     Attributes:
         counts_WE: int64 [W, E] routes per rank and expert of this layer.
@@ -166,14 +165,35 @@ class Gathered:
         ahead_total_E: int64 [E] ``ahead_WE`` summed over ranks.
     """
 
-    counts_WE: np.ndarray
-    tokens_W: np.ndarray
-    landed_W: np.ndarray
-    version_W: np.ndarray
-    ahead_WE: np.ndarray
-    ahead_version_W: np.ndarray
-    total_E: np.ndarray
-    ahead_total_E: np.ndarray
+    __slots__ = ("_out", "_E", "total_E", "ahead_total_E")
+
+    def __init__(self, out_WN: np.ndarray, num_experts: int, total_E: np.ndarray, ahead_total_E: np.ndarray) -> None:
+        self._out, self._E = out_WN, num_experts
+        self.total_E, self.ahead_total_E = total_E, ahead_total_E
+
+    @property
+    def counts_WE(self) -> np.ndarray:
+        return self._out[:, HEADER:HEADER + self._E]
+
+    @property
+    def ahead_WE(self) -> np.ndarray:
+        return self._out[:, HEADER + self._E:]
+
+    @property
+    def tokens_W(self) -> np.ndarray:
+        return self._out[:, 1]
+
+    @property
+    def landed_W(self) -> np.ndarray:
+        return self._out[:, 2] != 0
+
+    @property
+    def version_W(self) -> np.ndarray:
+        return self._out[:, 3]
+
+    @property
+    def ahead_version_W(self) -> np.ndarray:
+        return self._out[:, 4]
 
 
 def gather_step(counts_E: torch.Tensor, fingerprint: Fingerprint, group, *, tokens: int = 0,
@@ -207,7 +227,7 @@ def gather_step(counts_E: torch.Tensor, fingerprint: Fingerprint, group, *, toke
             code = _CODE["replication policy"]
             error = ValueError(f"lookahead counts have {ahead_E.numel()} entries for a layer of {E} experts")
         ahead_E = None
-    head = [code, tokens, int(landed), version, ahead_version] + fingerprint.values()
+    head = (code, tokens, int(landed), version, ahead_version) + tuple(fingerprint)
     # NOTE: filled in place (no concatenation): this runs every layer, every step. On the host
     # through NumPy (each torch call costs microseconds there); on a device with device copies.
     if on_host:
@@ -247,8 +267,7 @@ def gather_step(counts_E: torch.Tensor, fingerprint: Fingerprint, group, *, toke
         raise_failures(out[:, 0], error, group_rank(group))
     if flags & 2:
         _raise_disagreement(out[:, _HEAD:HEADER], group_rank(group))
-    return Gathered(out[:, HEADER:HEADER + E], out[:, 1], out[:, 2] != 0, out[:, 3], out[:, HEADER + E:],
-                    out[:, 4], total_E, ahead_total_E)
+    return Gathered(out, E, total_E, ahead_total_E)
 
 
 def _raise_disagreement(prints_WF: np.ndarray, me: int) -> None:

@@ -159,7 +159,7 @@ class ReplicatedMOELayer(ReplicationStage, MOELayer):
         g = gather_step(counts_E, fingerprint, group, tokens=0 if x_TH is None else x_TH.shape[0],
                         error=step.error, where=step.where, landed=landed, version=self.weights_version(),
                         ahead_E=ahead_E, ahead_version=0 if nxt is None else nxt.weights_version())
-        counts_WE, global_E = g.counts_WE, g.total_E
+        global_E = g.total_E
 
         # 2. decide which placement serves; move copies the decision asks for now.
         decision = Decision(policy.active)
@@ -172,7 +172,7 @@ class ReplicatedMOELayer(ReplicationStage, MOELayer):
         placement = decision.placement
 
         # 3. split each expert's tokens among its copies (the same integers on every rank).
-        split = self._split(counts_WE, global_E, g.tokens_W, placement, rank)
+        split = self._split(g, placement, rank)
         expert_TK = routes.expert_TK
         if not cfg.dropless:
             keep_E = np.bincount(np.maximum(placement.phy2log_P, 0), weights=split.send_P, minlength=E)
@@ -257,12 +257,12 @@ class ReplicatedMOELayer(ReplicationStage, MOELayer):
                        kernels=self._kernels(grad))
         return x_TH, routes, count_routes(routes.expert_TK, self.num_experts)
 
-    def _split(self, counts_WE: np.ndarray, total_E: np.ndarray, tokens_W: np.ndarray, placement: Placement,
-               rank: int) -> RankSplit:
+    def _split(self, g, placement: Placement, rank: int) -> RankSplit:
         cfg = self.replication
         if cfg.dropless:
-            return transport_rank(counts_WE, placement, rank, cfg.prefer_local, total_E=total_E)
-        capacity_W = capacity_per_expert(tokens_W, self.num_experts, self.gate.k,
+            return transport_rank(g.counts_WE, placement, rank, cfg.prefer_local, total_E=g.total_E)
+        counts_WE = g.counts_WE
+        capacity_W = capacity_per_expert(g.tokens_W, self.num_experts, self.gate.k,
                                          self.gate.capacity_factor if self.training else self.gate.eval_capacity_factor,
                                          self.gate.min_capacity)
         return RankSplit.of_dense(capacity_transport(counts_WE, capacity_W, placement, cfg.prefer_local), rank,

@@ -36,9 +36,10 @@ from .split import quotas
 __all__ = ["Decision", "ReplicationPolicy"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Decision:
-    """What one step does.
+    """What one step does (read-only by convention: built every step, and a frozen dataclass
+    costs microseconds to build).
 
     Attributes:
         placement: the placement that serves this step (without copies that are stale or in flight).

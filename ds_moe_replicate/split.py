@@ -344,17 +344,23 @@ def transport_rank(counts_WE: np.ndarray, placement: Placement, rank: int, prefe
         prefer_local: keep a rank's routes on its own copy where it has one.
         total_E: int64 [E] the column sums of ``counts_WE``, if already at hand.
     """
-    W, P, C = placement.ep_size, placement.phy2log_P.size, placement.slots_per_rank_total
-    counts_WE = np.asarray(counts_WE)
-    _check_counts(counts_WE, placement)
+    # NOTE: few interpreter-level calls on this path: it runs every layer, every step.
+    W, e_loc, S = placement.ep_size, placement.experts_per_rank, placement.slots_per_rank
+    C = e_loc + S
+    P = W * C
+    if type(counts_WE) is not np.ndarray or counts_WE.shape != (W, W * e_loc):
+        counts_WE = np.asarray(counts_WE)
+        _check_counts(counts_WE, placement)
     if not 0 <= rank < W:
         raise ValueError(f"rank must lie in [0, W={W}), got {rank}")
     if counts_WE.dtype != np.int64 or counts_WE.strides[1] != 8:
         counts_WE = np.ascontiguousarray(counts_WE, dtype=np.int64)
-    total_E = counts_WE.sum(axis=0) if total_E is None else np.ascontiguousarray(total_E, dtype=np.int64)
+    if total_E is None:
+        total_E = counts_WE.sum(axis=0)
+    elif type(total_E) is not np.ndarray or total_E.dtype != np.int64 or not total_E.flags.c_contiguous:
+        total_E = np.ascontiguousarray(total_E, dtype=np.int64)
     out = np.empty(2 * P + W * C, dtype=np.int64)
-    if native.split_rank_into(counts_WE, total_E, _layout(placement), rank, C, placement.experts_per_rank, _ROUNDS,
-                              prefer_local, out):
+    if native.split_rank_into(counts_WE, total_E, _layout(placement), rank, C, e_loc, _ROUNDS, prefer_local, out):
         return RankSplit(rank, out[:P], out[P:P + W * C].reshape(W, C), out[P + W * C:])
     return RankSplit.of_dense(transport_numpy(counts_WE, placement, prefer_local), rank, C)
 

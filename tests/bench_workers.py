@@ -23,6 +23,13 @@ def bench_main(rank, argv):
     return main(argv)
 
 
+def predictors_main(rank, argv):
+    """The predictor benchmark's entry point on this rank; returns its exit code."""
+    from ds_moe_replicate.bench.predictors import main
+
+    return main(argv)
+
+
 def record_traces(rank, steps, layers, experts):
     """A stock stack and a replicated one (replication on) on the same steered batches, each with a
     ``TraceRecorder``; returns their ``RecordedTraces`` ([B, L, E] each)."""

@@ -223,6 +223,26 @@ def test_benchmark_on_two_ranks_writes_json_trace_and_plots(tmp_path):
         assert Path(out, png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_predictor_benchmark_has_the_ragged_baseline_and_its_balance_limit(tmp_path):
+    out = tmp_path / "predictors.json"
+    argv = ["--predictors", "ema,oracle", "--workloads", "switching", "--hidden", "32", "--ffn", "64", "--batch", "2",
+            "--seq", "64", "--warmup", "2", "--steps", "2", "--json", str(out)]
+    assert run_ranks(bench_workers.predictors_main, 2, argv) == [0, 0]
+    rows = {r["mode"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"stock", "ragged", "ema", "oracle"}
+    ragged, oracle = rows["ragged"], rows["oracle"]
+    # The ragged path computes every token without copies: stock's output, no replica moved.
+    assert ragged["max_abs_diff"] < 1e-5 and ragged["bytes_moved"] == 0
+    assert ragged["vs_ragged"] == 1.0
+    # The limit is 1 / the ragged path's balancedness; every mode's fraction is its speed-up over it.
+    assert ragged["balance_limit"] == pytest.approx(1.0 / ragged["balancedness"])
+    for row in rows.values():
+        assert row["fraction_of_limit"] == pytest.approx(row["vs_ragged"] / ragged["balance_limit"])
+    # The oracle planned for the step's own counts: at least as balanced as no replicas.
+    assert oracle["balancedness"] >= ragged["balancedness"] - 1e-9
+    assert oracle["max_abs_diff"] < 1e-5
+
+
 def test_calibration_script_smoke(tmp_path):
     out = tmp_path / "calib.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -1,13 +1,15 @@
 """Predictor benchmark: which predictor keeps replicas where the tokens go, and what it costs.
 
 Run under the ``deepspeed`` launcher (``launch/bench_predictors.py``). The same tiny Switch-style
-model (same weights) is built once per mode: ``stock`` (DeepSpeed's MoE, dropless) and
+model (same weights) is built once per mode: ``stock`` (DeepSpeed's MoE, dropless), ``ragged``
+(``ReplicatedMoE`` with ``slots_per_rank: 0``: the ragged all-to-all, no replica) and
 ``ReplicatedMoE`` with each predictor. For each workload every mode sees identical batches,
-round-robin after warm-up; reported per mode: median ms per forward (slowest rank), realised
-balancedness of tokens computed per rank (mean over MoE layers and steps) beside what the oracle
-plan would have reached on the same counts, the prediction's L1 error and hot-expert recall, the
-exposed wait for replica weights as a share of step time, and the largest output difference from
-``stock``.
+round-robin after warm-up; reported per mode: median ms per forward (slowest rank), the speed-up
+over ``ragged`` and the fraction of the balance limit it reached (1 / the ragged path's
+balancedness), realised balancedness of tokens computed per rank (mean over MoE layers and steps)
+beside what the oracle plan would have reached on the same counts, the prediction's L1 error and
+hot-expert recall, the exposed wait for replica weights as a share of step time, and the largest
+output difference from ``stock``.
 
 Workloads: ``switching`` (the hot topic alternates every batch) and ``steady`` (one topic).
 """
@@ -52,10 +54,12 @@ def run_workload(workload: str, cfg: TinySwitchConfig, base: Dict, predictors: L
         dist.broadcast_object_list(box, src=0)
         learned_path = box[0]
         distill(models["stock"], cfg, learned_path, batches=4, batch=batch, seq=seq, topic_share=share, device=device)
-    for name in predictors:
+    sections = {"ragged": dict(base, slots_per_rank=0)}
+    sections.update({name: dict(base, predictor=name, learned_path=learned_path) for name in predictors})
+    for name, section in sections.items():
         model = build_tiny_switch(cfg, W, replicated=True).to(device)
         model.load_state_dict(state, strict=True)
-        configure_replication(model, {"moe_replication": dict(base, predictor=name, learned_path=learned_path)})
+        configure_replication(model, {"moe_replication": section})
         records[name] = []
         for layer in model.moe_layers():
             layer.register_stats_hook(lambda s, n=name: records[n].append(s))
@@ -63,7 +67,7 @@ def run_workload(workload: str, cfg: TinySwitchConfig, base: Dict, predictors: L
     modes = list(models)
     times = {m: [] for m in modes}
     diff = {m: 0.0 for m in modes}
-    kept: Dict[str, list] = {m: [] for m in predictors}
+    kept: Dict[str, list] = {m: [] for m in records}
     with torch.no_grad():
         for step in range(warmup + steps):
             topic = step % cfg.topics if workload == "switching" else 0
@@ -106,6 +110,11 @@ def run_workload(workload: str, cfg: TinySwitchConfig, base: Dict, predictors: L
                        prediction_l1=float("nan"), hot_recall=float("nan"), exposed_wait_share=0.0, late_steps=0,
                        bytes_moved=0)
         rows.append(row)
+    ragged = next(r for r in rows if r["mode"] == "ragged")
+    limit = 1.0 / ragged["balancedness"] if ragged["balancedness"] > 0 else float("nan")
+    for row in rows:
+        row.update(vs_ragged=ragged["ms"] / row["ms"], balance_limit=limit,
+                   fraction_of_limit=ragged["ms"] / row["ms"] / limit)
     return rows
 
 
@@ -114,9 +123,11 @@ def table(rows: List[Dict]) -> str:
         return "-" if isinstance(v, float) and math.isnan(v) else format(v, fmt)
 
     return markdown_table(
-        ["workload", "mode", "ms / forward", "balancedness", "oracle plan's", "per layer", "L1 error", "hot recall",
-         "exposed wait", "late steps", "max abs diff"],
-        [[r["workload"], r["mode"], f"{r['ms']:.1f}", f(r["balancedness"], ".3f"), f(r["oracle_balancedness"], ".3f"),
+        ["workload", "mode", "ms / forward", "vs ragged", "of limit (limit)", "balancedness", "oracle plan's",
+         "per layer", "L1 error", "hot recall", "exposed wait", "late steps", "max abs diff"],
+        [[r["workload"], r["mode"], f"{r['ms']:.1f}", f"{r['vs_ragged']:.2f}x",
+          f"{r['fraction_of_limit']:.0%} ({r['balance_limit']:.2f}x)", f(r["balancedness"], ".3f"),
+          f(r["oracle_balancedness"], ".3f"),
           " / ".join(f"{b:.2f}" for b in r["per_layer_balancedness"]) or "-", f(r["prediction_l1"], ".3f"),
           f(r["hot_recall"], ".2f"), f"{r['exposed_wait_share']:.1%}", r["late_steps"], f"{r['max_abs_diff']:.1e}"]
          for r in rows])
