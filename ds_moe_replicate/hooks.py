@@ -18,7 +18,7 @@ import torch
 from . import native
 from .predictor import EmaPredictor, name_of
 
-__all__ = ["StepStats", "StatsHooks", "RemovableHandle", "prediction_quality", "prediction_quality_numpy", "step_stats"]
+__all__ = ["StepStats", "StatsHooks", "RemovableHandle", "prediction_quality", "step_stats"]
 
 
 @dataclass(frozen=True)
@@ -105,24 +105,9 @@ def prediction_quality(predicted_E: Optional[np.ndarray], actual_E: np.ndarray, 
 
     Hot experts are those whose actual load exceeds a mean rank's load (the ones that need
     copies); recall is the fraction of them the prediction also puts above its mean rank load.
-    Both are NaN without a prediction; recall is 1.0 when no expert is hot. Runs compiled
-    (``native``) where it can, else ``prediction_quality_numpy`` (its twin).
+    Both are NaN without a prediction; recall is 1.0 when no expert is hot. (Each step's
+    statistics compute the same in compiled code, ``native.step_stats``; this is its twin.)
     """
-    if predicted_E is None:
-        return float("nan"), float("nan")
-    pred = np.ascontiguousarray(predicted_E, dtype=np.float64)
-    act = np.asarray(actual_E)
-    if act.dtype.kind in "iu" and pred.shape == act.shape and pred.ndim == 1:
-        fast = native.prediction_quality(pred, np.ascontiguousarray(act, dtype=np.int64), ep_size)
-        if fast is not None:
-            return fast
-    return prediction_quality_numpy(predicted_E, actual_E, ep_size)
-
-
-def prediction_quality_numpy(predicted_E: Optional[np.ndarray], actual_E: np.ndarray,
-                             ep_size: int) -> Tuple[float, float]:
-    """``prediction_quality`` in NumPy: its twin and test oracle (and the path for loads that
-    are not whole numbers)."""
     if predicted_E is None:
         return float("nan"), float("nan")
     pred = np.asarray(predicted_E, dtype=np.float64)
@@ -157,7 +142,7 @@ def step_stats(step: int, placement, total_E: np.ndarray, split, prediction: Opt
         top = int(rank_W.max()) if rank_W.size else 0
         bal = float(rank_W.sum() / W / top) if top > 0 else 1.0
         dropped = int(total_E.sum() - split.quota_P.sum())
-        l1, recall = prediction_quality_numpy(prediction, total_E, W)
+        l1, recall = prediction_quality(prediction, total_E, W)
     return StepStats(step=step, plan_version=placement.version, counts_E=torch.from_numpy(total_E),
                      rank_tokens_W=torch.from_numpy(rank_W), balancedness=bal, dropped_tokens=dropped,
                      num_replicas=placement.num_replicas, predicted_E=None if pred is None else torch.from_numpy(pred),

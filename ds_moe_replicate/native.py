@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["available", "split_into", "split_rank_into", "gather_sums", "count_into", "step_stats", "prediction_quality"]
+__all__ = ["available", "split_into", "split_rank_into", "gather_sums", "count_into", "step_stats"]
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -300,8 +300,8 @@ void ds_step_stats(const i64 *quota, i64 W, i64 C, const i64 *total, i64 E, cons
     else out[2] = out[3] = __builtin_nan("");
 }
 
-/* hooks.prediction_quality: L1 distance between predicted and actual load shares, and the recall
- * of the hot experts (actual share above 1 / W). out [2]. */
+/* The L1 distance between predicted and actual load shares, and the recall of the hot experts
+ * (actual share above 1 / W): hooks.prediction_quality is its twin. out [2]. */
 void ds_prediction_quality(const double *pred, const i64 *act, i64 E, i64 W, double *out) {
     double ps = 0.0, as = 0.0, l1 = 0.0;
     for (i64 e = 0; e < E; e++) { ps += pred[e]; as += (double)act[e]; }
@@ -331,7 +331,6 @@ _SIGNATURES = {
     "ds_gather": [_PTR] + [_I64] * 7 + [_PTR] * 2,
     "ds_count": [_PTR] + [_I64] * 2 + [_PTR],
     "ds_step_stats": [_PTR] + [_I64] * 2 + [_PTR, _I64, _PTR, _PTR, _PTR],
-    "ds_prediction_quality": [_PTR] * 2 + [_I64] * 2 + [_PTR],
 }
 
 
@@ -357,7 +356,7 @@ def _library():
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes = args
-        fn.restype = None if name in ("ds_prediction_quality", "ds_count", "ds_step_stats") else ctypes.c_int
+        fn.restype = None if name in ("ds_count", "ds_step_stats") else ctypes.c_int
     return lib
 
 
@@ -444,14 +443,3 @@ def step_stats(quota_P: np.ndarray, W: int, total_E: np.ndarray, pred_E):
     lib.ds_step_stats(quota_P.ctypes.data, W, quota_P.size // W, total_E.ctypes.data, total_E.size,
                       None if pred_E is None else pred_E.ctypes.data, rank_W.ctypes.data, out.ctypes.data)
     return rank_W, float(out[0]), int(out[1]), float(out[2]), float(out[3])
-
-
-def prediction_quality(pred_E: np.ndarray, act_E: np.ndarray, ep_size: int):
-    """``hooks.prediction_quality`` compiled: (L1 of shares, hot-expert recall); None without the library.
-    ``pred_E``: float64 C-contiguous [E]; ``act_E``: int64 C-contiguous [E]."""
-    lib = _library()
-    if lib is None:
-        return None
-    out = np.empty(2, dtype=np.float64)
-    lib.ds_prediction_quality(pred_E.ctypes.data, act_E.ctypes.data, pred_E.size, ep_size, out.ctypes.data)
-    return float(out[0]), float(out[1])

@@ -107,8 +107,9 @@ class ReplicationStage:
         """Forwards with gradients inside the block leave the replication state as it was: the
         policy (serving placement, plans, predictor history, step counter), the forward count and
         the last statistics are restored when the block ends. ``enabled=False`` runs the stock
-        forward inside the block (the configuration is swapped back afterwards, nothing is reset). Only the counter of the
-        point-to-point tags keeps advancing, so no later transfer reuses a tag of the block's.
+        forward inside the block (the configuration is swapped back afterwards, nothing is reset).
+        Only the counter of the point-to-point tags keeps advancing, so no later transfer reuses a
+        tag of the block's.
 
         For checks on the same weights and batch as a training step (``train_lm``'s
         ``--check-exact-every``). Every rank of the group must enter and leave the block at the

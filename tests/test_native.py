@@ -1,5 +1,5 @@
 """The compiled control path (``native``) against its NumPy / torch twins: the step's gathered
-buffer (sums over ranks, failure and fingerprint flags), the route count and the prediction
+buffer (sums over ranks, failure and fingerprint flags), the route count and the step
 statistics; and ``comm.gather_step`` gives the same answers with and without the library."""
 
 from types import SimpleNamespace
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from ds_moe_replicate import comm, native
 from ds_moe_replicate.gating import count_routes
-from ds_moe_replicate.hooks import prediction_quality, prediction_quality_numpy
+from ds_moe_replicate.hooks import prediction_quality
 
 
 @pytest.fixture
@@ -56,17 +56,25 @@ def test_count_routes_matches_bincount(T, K, E, seed):
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.integers(1, 64), st.integers(1, 16), st.integers(0, 2**31 - 1), st.booleans())
-def test_prediction_quality_matches_its_twin(E, W, seed, zero_actual):
+@given(st.integers(1, 64), st.integers(1, 16), st.integers(1, 4), st.integers(0, 2**31 - 1), st.booleans(),
+       st.booleans())
+def test_step_stats_match_their_twin(E, W, C, seed, zero_actual, with_prediction):
     rng = np.random.default_rng(seed)
-    pred = rng.random(E) * (rng.random(E) < 0.8)
+    pred = rng.random(E) * (rng.random(E) < 0.8) if with_prediction else None
     act = np.zeros(E, dtype=np.int64) if zero_actual else rng.integers(0, 500, E) * (rng.random(E) < 0.5)
     act[rng.integers(E)] += 0 if zero_actual else 3000
-    l1, recall = prediction_quality(pred, act, W)
-    l1_np, recall_np = prediction_quality_numpy(pred, act, W)
-    assert l1 == pytest.approx(l1_np, rel=1e-12, abs=1e-12)
-    assert recall == recall_np
-    assert all(np.isnan(v) for v in prediction_quality(None, act, W))
+    quota = rng.integers(0, 400, W * C) * (rng.random(W * C) < 0.7)
+    rank_W, bal, dropped, l1, recall = native.step_stats(quota, W, act, pred)
+    want_W = quota.reshape(W, C).sum(axis=1)
+    np.testing.assert_array_equal(rank_W, want_W)
+    assert bal == pytest.approx(want_W.mean() / want_W.max() if want_W.max() > 0 else 1.0, rel=1e-12)
+    assert dropped == int(act.sum() - quota.sum())
+    l1_np, recall_np = prediction_quality(pred, act, W)
+    if pred is None:
+        assert np.isnan(l1) and np.isnan(recall) and np.isnan(l1_np) and np.isnan(recall_np)
+    else:
+        assert l1 == pytest.approx(l1_np, rel=1e-12, abs=1e-12)
+        assert recall == recall_np
 
 
 def _gather(W, E, rows_WN, counts_E, ahead_E=None):
@@ -111,3 +119,23 @@ def test_gather_step_sums_flags_and_payload(compiled, monkeypatch):
     bad[1, comm._HEAD + 1] = 8
     with pytest.raises(comm.ReplicationError, match="config"):
         _gather(W, E, bad, counts)
+
+
+def test_step_stats_record_is_the_same_without_the_library(monkeypatch):
+    from ds_moe_replicate.hooks import step_stats
+    from ds_moe_replicate.placement import Placement
+    from ds_moe_replicate.split import transport_rank
+
+    rng = np.random.default_rng(4)
+    counts = rng.integers(0, 60, (4, 8)).astype(np.int64)
+    counts[:, 5] += 500
+    pl = Placement.from_phy2log([0, 1, 5, 2, 3, 5, 4, 5, -1, 6, 7, 5], 4, 2, 1)
+    split = transport_rank(counts, pl, 1)
+    pred = counts.sum(axis=0) * rng.uniform(0.5, 1.5, 8)
+    fast = step_stats(3, pl, counts.sum(axis=0), split, pred)
+    monkeypatch.setattr(native, "_library", lambda: None)
+    twin = step_stats(3, pl, counts.sum(axis=0), split, pred)
+    assert torch.equal(fast.rank_tokens_W, twin.rank_tokens_W) and fast.dropped_tokens == twin.dropped_tokens == 0
+    assert fast.num_replicas == twin.num_replicas == 3
+    for name in ("balancedness", "prediction_l1", "hot_recall"):
+        assert getattr(fast, name) == pytest.approx(getattr(twin, name), rel=1e-12)
