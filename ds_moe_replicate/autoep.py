@@ -152,7 +152,7 @@ class ReplicatedAutoEPLayer(ReplicationStage, AutoEPMoELayer):
         except Exception as err:  # noqa: BLE001 - a transfer over its time limit: every rank raises
             step.fail(err, "replica transfer")
         g = gather_step(counts_E, fingerprint, group, tokens=x_TH.shape[0], error=step.error, where=step.where,
-                        landed=landed, version=self.weights_version())
+                        landed=landed, version=self.weights_version(), buffer=self.gather_buffer)
         global_E = g.total_E
 
         # 2. decide which placement serves.
@@ -165,7 +165,8 @@ class ReplicatedAutoEPLayer(ReplicationStage, AutoEPMoELayer):
 
         # 3. the split plan: each expert's routes among its copies (the same integers on every rank).
         C = placement.slots_per_rank_total
-        split = transport_rank(g.counts_WE, placement, rank, self.replication.prefer_local, total_E=global_E)
+        split = transport_rank(g.counts_WE, placement, rank, self.replication.prefer_local, total_E=global_E,
+                               counts_ptr=g.counts_ptr)
         send_W = split.send_P.reshape(placement.ep_size, C).sum(axis=1).tolist()
         mine_WC = split.recv_WC
         recv_W = mine_WC.sum(axis=1).tolist()

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from . import native
 
 __all__ = ["ReplicationError", "expert_parallel_group", "group_size", "group_rank", "global_rank", "Fingerprint",
-           "Gathered", "gather_step", "all_to_all", "raise_failures", "failure_code", "FAILURES", "dtype_code",
-           "SITE_LAYER", "SITE_ENTRY", "SITE_OFF"]
+           "Gathered", "GatherBuffer", "gather_step", "all_to_all", "raise_failures", "failure_code", "FAILURES",
+           "dtype_code", "SITE_LAYER", "SITE_ENTRY", "SITE_OFF"]
 
 
 
@@ -152,7 +152,8 @@ HEADER = _HEAD + len(Fingerprint.HINTS)
 class Gathered:
     """What every rank learns from a step's all-gather (identical on every rank), read from the
     gathered buffer on demand (each field is a view or a small array; building them all every step
-    costs more than the step reads).
+    costs more than the step reads). The per-rank fields are views of the layer's ``GatherBuffer``:
+    read them during the step (copy what must outlive it); the sums are the step's own arrays.
 
     Attributes:
         counts_WE: int64 [W, E] routes per rank and expert of this layer.
@@ -163,13 +164,17 @@ class Gathered:
         ahead_version_W: int64 [W] version of that layer's home expert weights on each rank.
         total_E: int64 [E] ``counts_WE`` summed over ranks (the step's routes per expert).
         ahead_total_E: int64 [E] ``ahead_WE`` summed over ranks.
+        counts_ptr: the address of ``counts_WE``'s first element (a strided view's address
+            costs microseconds to look up; the split reads it from here), or 0.
     """
 
-    __slots__ = ("_out", "_E", "total_E", "ahead_total_E")
+    __slots__ = ("_out", "_E", "total_E", "ahead_total_E", "counts_ptr")
 
-    def __init__(self, out_WN: np.ndarray, num_experts: int, total_E: np.ndarray, ahead_total_E: np.ndarray) -> None:
+    def __init__(self, out_WN: np.ndarray, num_experts: int, total_E: np.ndarray, ahead_total_E: np.ndarray,
+                 counts_ptr: int = 0) -> None:
         self._out, self._E = out_WN, num_experts
         self.total_E, self.ahead_total_E = total_E, ahead_total_E
+        self.counts_ptr = counts_ptr
 
     @property
     def counts_WE(self) -> np.ndarray:
@@ -196,9 +201,29 @@ class Gathered:
         return self._out[:, 4]
 
 
+class GatherBuffer:
+    """A layer's host memory for its steps' all-gathers (its payload and the gathered rows),
+    reused from step to step. A fresh buffer of a few hundred kilobytes every step (W = 64,
+    E = 256) costs a page fault on each of its pages, tens of microseconds: the allocator hands
+    memory that large back to the system when it is freed. What ``Gathered`` reads from it is
+    valid until the layer's next step; the sums over ranks are arrays of their own."""
+
+    __slots__ = ("array",)
+
+    def __init__(self) -> None:
+        self.array: Optional[np.ndarray] = None
+
+    def get(self, size: int) -> np.ndarray:
+        """int64 [size], the same memory while the size stays."""
+        if self.array is None or self.array.size != size:
+            self.array = np.empty(size, dtype=np.int64)
+        return self.array
+
+
 def gather_step(counts_E: torch.Tensor, fingerprint: Fingerprint, group, *, tokens: int = 0,
                 error: Optional[BaseException] = None, where: str = "bad input", landed: bool = True,
-                version: int = 0, ahead_E: Optional[torch.Tensor] = None, ahead_version: int = 0) -> Gathered:
+                version: int = 0, ahead_E: Optional[torch.Tensor] = None, ahead_version: int = 0,
+                buffer: Optional[GatherBuffer] = None) -> Gathered:
     """All-gather every rank's counts, status, fingerprint, landing flag, weights version and
     lookahead counts; raise on every rank if any rank failed or the ranks disagree.
 
@@ -206,57 +231,69 @@ def gather_step(counts_E: torch.Tensor, fingerprint: Fingerprint, group, *, toke
     that disagree still exchange equal sizes (and are told so) instead of aborting the backend.
 
     Args:
-        counts_E: int64 [E] routes per logical expert on this rank (zeros if ``error``); its
-            device is the one every tensor of the collective lives on.
+        counts_E: int64 [E] routes per logical expert on this rank (zeros if ``error``): a
+            tensor, whose device is the one every tensor of the collective lives on, or a NumPy
+            array (host; what ``gating.count_routes`` returns there).
         fingerprint: what the ranks must agree on.
         tokens: tokens on this rank.
         error: an exception this rank hit before the collective, or None; ``where`` names the phase.
         landed: this rank has no replica transfer still in flight.
         version: version of this rank's home expert weights.
-        ahead_E: int64 [E] predicted routes of the layer this one predicts, or None.
+        ahead_E: int64 [E] predicted routes of the layer this one predicts (a tensor on the
+            collective's device, or a NumPy array on the host), or None.
         ahead_version: version of that layer's home expert weights on this rank.
+        buffer: the calling layer's ``GatherBuffer`` (host memory reused across its steps), or
+            None for memory of this call's own.
 
     Raises:
         ReplicationError on every rank if any rank passed an error, or the fingerprints differ.
     """
-    E = counts_E.shape[0] if counts_E.dim() == 1 else counts_E.numel()
-    on_host = counts_E.is_cpu
+    on_host = type(counts_E) is np.ndarray or counts_E.is_cpu
+    E = counts_E.size if type(counts_E) is np.ndarray else counts_E.numel()
     code = failure_code(error, where) if error is not None else 0
-    if ahead_E is not None and ahead_E.numel() != E:
+    if ahead_E is not None and (ahead_E.size if type(ahead_E) is np.ndarray else ahead_E.numel()) != E:
         if code == 0:
             code = _CODE["replication policy"]
-            error = ValueError(f"lookahead counts have {ahead_E.numel()} entries for a layer of {E} experts")
+            error = ValueError(f"lookahead counts do not have one entry per expert of the layer ({E})")
         ahead_E = None
     head = (code, tokens, int(landed), version, ahead_version) + tuple(fingerprint)
+    N = HEADER + 2 * E
+    W = group_size(group)
+    sums_at = np.empty(2 * E, dtype=np.int64)
     # NOTE: filled in place (no concatenation): this runs every layer, every step. On the host
-    # through NumPy (each torch call costs microseconds there); on a device with device copies.
+    # through NumPy, in one buffer (payload and gathered rows; each torch or NumPy call costs
+    # microseconds there); on a device with device copies.
     if on_host:
-        host = np.zeros(HEADER + 2 * E, dtype=np.int64)
+        buf = np.empty(N + W * N, dtype=np.int64) if buffer is None else buffer.get(N + W * N)
+        host = buf[:N]
         host[:HEADER] = head
-        host[HEADER:HEADER + E] = counts_E.numpy().reshape(-1)
-        if ahead_E is not None:
-            host[HEADER + E:] = ahead_E.detach().cpu().numpy().reshape(-1)
-        payload = torch.from_numpy(host)
+        host[HEADER:HEADER + E] = _host_array(counts_E)
+        if ahead_E is None:
+            host[HEADER + E:] = 0
+        else:
+            host[HEADER + E:] = _host_array(ahead_E)
+        out = buf[N:].reshape(W, N)
+        if W == 1:
+            out[0] = host
+        else:
+            dist.all_gather_into_tensor(torch.from_numpy(buf[N:]), torch.from_numpy(host), group=group)
     else:
         device = counts_E.device
-        payload = torch.empty(HEADER + 2 * E, dtype=torch.int64, device=device)
+        payload = torch.empty(N, dtype=torch.int64, device=device)
         payload[:HEADER].copy_(torch.tensor(head, dtype=torch.int64))
-        payload[HEADER:HEADER + E].copy_(counts_E.reshape(-1))
+        payload[HEADER:HEADER + E].copy_(torch.as_tensor(counts_E).reshape(-1))
         if ahead_E is None:
             payload[HEADER + E:].zero_()
         else:
-            payload[HEADER + E:].copy_(ahead_E.reshape(-1))
-    W = group_size(group)
-    if W == 1:
-        out = payload.unsqueeze(0).cpu().numpy()
-    elif on_host:
-        out = np.empty((W, HEADER + 2 * E), dtype=np.int64)
-        dist.all_gather_into_tensor(torch.from_numpy(out.reshape(-1)), payload, group=group)
-    else:
-        gathered = torch.empty(W * payload.numel(), dtype=torch.int64, device=device)
-        dist.all_gather_into_tensor(gathered, payload, group=group)
-        out = gathered.view(W, -1).cpu().numpy()
-    sums = native.gather_sums(out, HEADER, _HEAD, HEADER, E, ahead=ahead_E is not None)
+            payload[HEADER + E:].copy_(torch.as_tensor(ahead_E).reshape(-1))
+        if W == 1:
+            out = payload.unsqueeze(0).cpu().numpy()
+        else:
+            gathered = torch.empty(W * N, dtype=torch.int64, device=device)
+            dist.all_gather_into_tensor(gathered, payload, group=group)
+            out = gathered.view(W, -1).cpu().numpy()
+    out_ptr = native.address(out)
+    sums = native.gather_sums(out, HEADER, _HEAD, HEADER, E, ahead=ahead_E is not None, sums=sums_at, ptr=out_ptr)
     if sums is None:  # the NumPy twin
         prints = out[:, _HEAD:HEADER]
         flags = int(out[:, 0].any()) | 2 * int((prints != prints[0]).any())
@@ -267,7 +304,14 @@ def gather_step(counts_E: torch.Tensor, fingerprint: Fingerprint, group, *, toke
         raise_failures(out[:, 0], error, group_rank(group))
     if flags & 2:
         _raise_disagreement(out[:, _HEAD:HEADER], group_rank(group))
-    return Gathered(out, E, total_E, ahead_total_E)
+    return Gathered(out, E, total_E, ahead_total_E, out_ptr + 8 * HEADER)
+
+
+def _host_array(counts) -> np.ndarray:
+    """int64 [E] NumPy view of host counts (a NumPy array or a host tensor)."""
+    if type(counts) is np.ndarray:
+        return counts.reshape(-1)
+    return counts.detach().cpu().numpy().reshape(-1)
 
 
 def _raise_disagreement(prints_WF: np.ndarray, me: int) -> None:

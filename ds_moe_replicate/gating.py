@@ -133,18 +133,20 @@ def capacity_per_expert(tokens, num_experts: int, k: int, capacity_factor: float
                       min_capacity).astype(np.int64)
 
 
-def count_routes(expert_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """int64 [E] taken routes per expert (-1 entries are routes not taken).
+def count_routes(expert_TK: torch.Tensor, num_experts: int):
+    """int64 [E] taken routes per expert (-1 entries are routes not taken): a NumPy array on the
+    host, a tensor on a device (what ``comm.gather_step`` sends either way).
 
     On the host the compiled count (``native.count``: a few microseconds where ``torch.bincount``
-    takes fifteen); on a device ``torch.bincount``, shifted by one instead of masked (a boolean mask
-    costs a device-to-host sync). docs/control_path.md."""
+    takes fifteen), into a NumPy array (the all-gather's payload is built in NumPy there; crossing
+    from a tensor costs microseconds of its own); on a device ``torch.bincount``, shifted by one
+    instead of masked (a boolean mask costs a device-to-host sync). docs/control_path.md."""
     if expert_TK.is_cpu and expert_TK.dtype == torch.int64 and expert_TK.is_contiguous():
-        # NOTE: few torch calls on the host (each costs microseconds here).
-        out = torch.empty(num_experts, dtype=torch.int64)
-        if native.count_into(expert_TK.data_ptr(), expert_TK.numel(), num_experts, out.data_ptr()):
+        out = np.empty(num_experts, dtype=np.int64)
+        if native.count_into(expert_TK.data_ptr(), expert_TK.numel(), num_experts, native.address(out)):
             return out
-    return torch.bincount(expert_TK.reshape(-1) + 1, minlength=num_experts + 1)[1:]
+    counts = torch.bincount(expert_TK.reshape(-1) + 1, minlength=num_experts + 1)[1:]
+    return counts.numpy() if counts.is_cpu else counts
 
 
 def drop_over_capacity(expert_TK: torch.Tensor, keep_E: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,7 @@ class ReplicatedMOELayer(ReplicationStage, MOELayer):
         # 1. gate and count locally (and the loads of the layer this one predicts); one all-gather
         # shares counts, errors, landing flags, weights versions and the step's fingerprint.
         x_TH = routes = ahead_E = None
-        counts_E = torch.zeros(E, dtype=torch.int64, device=x.device)
+        counts_E = np.zeros(E, dtype=np.int64) if x.is_cpu else torch.zeros(E, dtype=torch.int64, device=x.device)
         try:
             x_TH, routes, counts_E = self._gate(x, used_token, grad)
             step.where = "replication policy"
@@ -158,7 +158,8 @@ class ReplicatedMOELayer(ReplicationStage, MOELayer):
             step.fail(err, "replica transfer")
         g = gather_step(counts_E, fingerprint, group, tokens=0 if x_TH is None else x_TH.shape[0],
                         error=step.error, where=step.where, landed=landed, version=self.weights_version(),
-                        ahead_E=ahead_E, ahead_version=0 if nxt is None else nxt.weights_version())
+                        ahead_E=ahead_E, ahead_version=0 if nxt is None else nxt.weights_version(),
+                        buffer=self.gather_buffer)
         global_E = g.total_E
 
         # 2. decide which placement serves; move copies the decision asks for now.
@@ -260,7 +261,8 @@ class ReplicatedMOELayer(ReplicationStage, MOELayer):
     def _split(self, g, placement: Placement, rank: int) -> RankSplit:
         cfg = self.replication
         if cfg.dropless:
-            return transport_rank(g.counts_WE, placement, rank, cfg.prefer_local, total_E=g.total_E)
+            return transport_rank(g.counts_WE, placement, rank, cfg.prefer_local, total_E=g.total_E,
+                                  counts_ptr=g.counts_ptr)
         counts_WE = g.counts_WE
         capacity_W = capacity_per_expert(g.tokens_W, self.num_experts, self.gate.k,
                                          self.gate.capacity_factor if self.training else self.gate.eval_capacity_factor,

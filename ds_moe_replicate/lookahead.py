@@ -47,8 +47,9 @@ class AheadNode(Protocol):
         home weights versions, gathered)."""
 
 
-def predict_counts(layer, x_TH: torch.Tensor) -> torch.Tensor:
-    """int64 [E] routes ``layer``'s gate would send to each expert for tokens ``x_TH``."""
+def predict_counts(layer, x_TH: torch.Tensor):
+    """int64 [E] routes ``layer``'s gate would send to each expert for tokens ``x_TH`` (as
+    ``gating.count_routes`` returns them: NumPy on the host, a tensor on a device)."""
     with torch.no_grad():
         expert_TK = route(layer.gate, x_TH, kernels=layer.replication.kernels).expert_TK
     return count_routes(expert_TK, layer.num_experts)
@@ -85,7 +86,7 @@ class Chain:
     def is_driven(self, node) -> bool:
         return any(ref() is node for ref in self._next.values())
 
-    def ahead_counts(self, node, x_TH: torch.Tensor) -> Optional[torch.Tensor]:
+    def ahead_counts(self, node, x_TH: torch.Tensor):
         """Local predicted counts of the node ``node`` predicts, or None if it predicts none now."""
         nxt = self.next_of(node)
         if nxt is None or not nxt.wants_ahead:

@@ -46,6 +46,8 @@ def log2phy_of(phy2log_LP: np.ndarray, num_experts: int,
     """
     phy = np.asarray(phy2log_LP, dtype=np.int64)
     L, P = phy.shape
+    if L == 1 and max_copies is None:
+        return _log2phy_one(phy[0], num_experts)
     # Sort slots by (expert, slot index); empty slots last.
     key = np.where(phy >= 0, phy, num_experts) * P + np.arange(P)
     order_LP = np.argsort(key, axis=1, kind="stable")
@@ -59,6 +61,19 @@ def log2phy_of(phy2log_LP: np.ndarray, num_experts: int,
     li, ci = np.nonzero(sorted_e >= 0)
     log2phy_LER[li, sorted_e[li, ci], pos[li, ci]] = order_LP[li, ci]
     return log2phy_LER, logcnt_LE.astype(np.int64)
+
+
+def _log2phy_one(phy_P: np.ndarray, num_experts: int) -> Tuple[np.ndarray, np.ndarray]:
+    """``log2phy_of`` of one layer in fewer array calls (every new plan builds one)."""
+    slots = np.flatnonzero(phy_P >= 0)
+    experts = phy_P[slots]
+    order = np.argsort(experts, kind="stable")  # by expert, then ascending slot
+    e_sorted = experts[order]
+    logcnt_E = np.bincount(experts, minlength=num_experts)
+    start_E = np.cumsum(logcnt_E) - logcnt_E
+    log2phy_ER = np.full((num_experts, int(logcnt_E.max(initial=1))), -1, dtype=np.int64)
+    log2phy_ER[e_sorted, np.arange(e_sorted.size) - start_E[e_sorted]] = slots[order]
+    return log2phy_ER[None], logcnt_E.astype(np.int64)[None]
 
 
 @dataclass(frozen=True)
@@ -113,6 +128,11 @@ class Placement:
             cached = int.from_bytes(h.digest(), "little") >> 2
             object.__setattr__(self, "_digest", cached)  # NOTE: a cache, not a field (frozen dataclass)
         return cached
+
+    def with_version(self, version: int) -> "Placement":
+        """The same slots under another version (the read-only slot tables are shared)."""
+        return Placement(self.phy2log_P, self.log2phy_ER, self.logcnt_E, self.ep_size, self.experts_per_rank,
+                         self.slots_per_rank, version)
 
     def without(self, drop_P: np.ndarray) -> "Placement":
         """The same placement with the replica slots where ``drop_P`` is True emptied (home slots

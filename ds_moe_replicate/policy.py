@@ -78,6 +78,7 @@ class ReplicationPolicy:
         self.prediction: Optional[np.ndarray] = None  # loads behind the serving plan
         self._pending_prediction: Optional[np.ndarray] = None
         self._offered: Optional[np.ndarray] = None
+        self._serving: tuple = (None, None, None)  # (active, its valid slots, the serving placement)
 
     @property
     def source(self) -> str:
@@ -96,29 +97,30 @@ class ReplicationPolicy:
         Predictors that plan every step (AHEAD, NOW) re-plan incrementally from the active
         placement (``replan.py``: most copies stay, microseconds to a millisecond); the history
         predictors plan from scratch every ``replan_interval`` steps (``plan_replicas``)."""
-        load_E = np.asarray(load_E, dtype=np.float64)
+        load_E = np.ascontiguousarray(load_E, dtype=np.float64)
         cost = self.config.replica_cost * (2.0 if grad else 1.0)
         target = min(1.0 / (1.0 + cost), 0.995)
-        slot_P = None
         if self.predictor.source == HISTORY:
             placement = plan_replicas(load_E, self.ep_size, self.slots_per_rank,
                                       target_balancedness=target).placement(version=self.version + 1)
+            if placement.num_replicas:
+                tokens_E = np.rint(load_E).astype(np.int64)
+                home_max = int(tokens_E.reshape(self.ep_size, -1).sum(axis=1).max())
+                plan_max = int(quotas(tokens_E[None], placement).reshape(self.ep_size, -1).sum(axis=1).max())
+                if home_max - plan_max <= cost * int(tokens_E.sum()) / self.ep_size * placement.num_replicas:
+                    placement = self.home
         else:
-            placement, slot_P = replan(load_E, self.active, target_balancedness=target,
-                                       keep_balancedness=min(target, 0.98), version=self.version + 1, with_quotas=True)
-        if placement.num_replicas:
-            tokens_E = np.rint(load_E)
-            home_max = float(tokens_E.reshape(self.ep_size, -1).sum(axis=1).max())
-            if slot_P is None:
-                slot_P = quotas(tokens_E.astype(np.int64)[None], placement)
-            plan_max = float(slot_P.reshape(self.ep_size, -1).sum(axis=1).max())
-            if home_max - plan_max <= cost * load_E.sum() / self.ep_size * placement.num_replicas:
+            # NOTE: at the active version, a kept placement is the active one (nothing built).
+            done = replan(load_E, self.active, target_balancedness=target, keep_balancedness=min(target, 0.98),
+                          version=self.version, with_quotas=True)
+            placement = done.placement
+            if placement.num_replicas and \
+                    done.home_max - done.plan_max <= cost * done.tokens / self.ep_size * placement.num_replicas:
                 placement = self.home
         if placement.phy2log_P is self.active.phy2log_P or np.array_equal(placement.phy2log_P, self.active.phy2log_P):
             return self.active
         self.version += 1
-        return Placement.from_phy2log(placement.phy2log_P, self.ep_size, self.home.experts_per_rank,
-                                      self.slots_per_rank, self.version)
+        return placement if placement.version == self.version else placement.with_version(self.version)
 
     def offer(self, predicted_E: np.ndarray, grad: bool) -> Optional[Placement]:
         """This step's loads, predicted before the layer runs (AHEAD). Returns the placement whose
@@ -152,7 +154,9 @@ class ReplicationPolicy:
             counts_E: this step's routes per expert, summed over the group.
             landed: every rank reported its copies in flight landed.
             valid_of: bool [P] of a placement: its slots whose copies are resident and current
-                (unused with ``grad``: the copies travel with the step).
+                (unused with ``grad``: the copies travel with the step). A read-only answer; while
+                it returns the same array object for the active placement, the serving placement
+                of the last step is reused (``ReplicaTable.valid`` keeps its last answer).
             grad: the step computes gradients.
         """
         if not self.enabled:
@@ -177,7 +181,13 @@ class ReplicationPolicy:
                 activated = self.land_pending() is not None
             else:
                 late = True
-        serving = self.active.without(~valid_of(self.active))
+        valid = valid_of(self.active)
+        cached = self._serving
+        if cached[0] is self.active and cached[1] is valid:  # the same answer as last step's
+            serving = cached[2]
+        else:
+            serving = self.active.without(~valid)
+            self._serving = (self.active, valid, serving)
         if src == NOW and self.pending is None:
             new = self.plan(counts_E, grad=False)
             if new is not self.active or serving is not self.active:

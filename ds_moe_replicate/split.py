@@ -27,10 +27,10 @@ expert at most, N routes matched by the north-west corner rule.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 
@@ -64,51 +64,106 @@ class _Class:
     m_R1: np.ndarray  # 1, 2, ..., R_c as a column
 
 
-@dataclass(frozen=True)
 class _Layout:
     """Index arrays derived from one placement (read-only, shared by every call on it).
 
+    Built at once: what the compiled split reads (a new plan needs it before its first step).
+    Built on first use: the index arrays only the NumPy twins read.
+
     Attributes:
-        home_slot_E: home physical slot of each expert.
-        home_rank_E: home rank of each expert.
-        single_E: experts with one copy (their routes all go home).
         rep_X: the replicated experts, in expert order.
         slot_XR / rank_XR: their copies' slots and ranks in ascending slot order; padding points
             at the dummy slot P and the dummy rank W.
-        valid_XR: real copies.
-        classes: the replicated experts coloured so that no two of a class share a rank; experts
-            with more copies are coloured first, so the hottest ones lead the first class.
-        local_XW: for each replicated expert and rank, the copy index (into R) held by that rank,
-            or -1.
-        loc_src / loc_dst: flat indices into [X, W] and [X, R] of every real copy (the source on
-            its own rank, and the copy), for the local matches of ``prefer_local``.
-        loc_rank / loc_slot: the rank and slot of those copies.
-        cls_rows / cls_start: the classes' rows into X, class after class, and where each starts
-            (what the compiled split reads).
+        cls_rows / cls_start: the replicated experts coloured so that no two of a class share a
+            rank (experts with more copies are coloured first, so the hottest ones lead the first
+            class): the classes' rows into X, class after class, and where each starts.
         native_args: the compiled split's layout arguments (sizes and addresses of the arrays
             above, which live as long as the layout).
         native_block / native_block_ptr: the same as one int64 array, and its address (what the
-            per-rank split reads).
+            per-rank split and the re-plan read).
+        phy_ptr: the address of the placement's slot table (equal contents for every placement
+            this layout is shared by).
+        home_slot_E / home_rank_E: home physical slot and rank of each expert (twins).
+        single_E: experts with one copy: their routes all go home (twins).
+        valid_XR: real copies (twins).
+        classes: the classes as ``_Class`` arrays (twins).
+        local_XW: for each replicated expert and rank, the copy index (into R) held by that rank,
+            or -1 (twins).
+        loc_src / loc_dst: flat indices into [X, W] and [X, R] of every real copy (the source on
+            its own rank, and the copy), for the local matches of ``prefer_local`` (twins).
+        loc_rank / loc_slot: the rank and slot of those copies (twins).
     """
 
-    home_slot_E: np.ndarray
-    home_rank_E: np.ndarray
-    single_E: np.ndarray
-    rep_X: np.ndarray
-    slot_XR: np.ndarray
-    rank_XR: np.ndarray
-    valid_XR: np.ndarray
-    classes: Tuple[_Class, ...]
-    local_XW: np.ndarray
-    loc_src: np.ndarray
-    loc_dst: np.ndarray
-    loc_rank: np.ndarray
-    loc_slot: np.ndarray
-    cls_rows: np.ndarray
-    cls_start: np.ndarray
-    native_args: tuple = ()
-    native_block: Optional[np.ndarray] = None
-    native_block_ptr: int = 0
+    def __init__(self, placement: Placement, rep_X, slot_XR, rank_XR, cls_rows, cls_start) -> None:
+        self._W, self._e_loc, self._C = placement.ep_size, placement.experts_per_rank, placement.slots_per_rank_total
+        self._cnt_E = placement.logcnt_E
+        self.rep_X, self.slot_XR, self.rank_XR, self.cls_rows, self.cls_start = (rep_X, slot_XR, rank_XR, cls_rows,
+                                                                                cls_start)
+        for arr in (rep_X, slot_XR, rank_XR, cls_rows, cls_start):
+            arr.setflags(write=False)
+        X, R = slot_XR.shape
+        self.native_args = (X, R, rep_X.ctypes.data, slot_XR.ctypes.data, rank_XR.ctypes.data, cls_rows.ctypes.data,
+                            cls_start.ctypes.data, cls_start.size - 1)
+        self.native_block = np.array(self.native_args, dtype=np.int64)
+        self.native_block_ptr = self.native_block.ctypes.data
+        self._phy_P = placement.phy2log_P  # NOTE: kept alive here, so its address stays valid
+        self.phy_ptr = self._phy_P.ctypes.data
+
+    @functools.cached_property
+    def home_slot_E(self) -> np.ndarray:
+        e = np.arange(self._W * self._e_loc)
+        return (e // self._e_loc) * self._C + e % self._e_loc
+
+    @functools.cached_property
+    def home_rank_E(self) -> np.ndarray:
+        return np.arange(self._W * self._e_loc) // self._e_loc
+
+    @functools.cached_property
+    def single_E(self) -> np.ndarray:
+        return np.nonzero(self._cnt_E <= 1)[0]
+
+    @functools.cached_property
+    def valid_XR(self) -> np.ndarray:
+        return self.slot_XR < self._W * self._C
+
+    @functools.cached_property
+    def classes(self) -> Tuple[_Class, ...]:
+        out = []
+        for c in range(self.cls_start.size - 1):
+            rows = self.cls_rows[self.cls_start[c]:self.cls_start[c + 1]]
+            r_c = int(self.valid_XR[rows].sum(axis=1).max())
+            out.append(_Class(self.rep_X[rows], np.ascontiguousarray(self.slot_XR[rows, :r_c].T),
+                              np.ascontiguousarray(self.rank_XR[rows, :r_c].T), np.arange(1, r_c + 1)[:, None]))
+        return tuple(out)
+
+    @functools.cached_property
+    def _local(self):
+        X, R = self.slot_XR.shape
+        local_XW = np.full((X, self._W + 1), -1, dtype=np.int64)
+        xi, ri = np.nonzero(self.valid_XR)
+        loc_rank = self.rank_XR[xi, ri]
+        local_XW[xi, loc_rank] = ri
+        return local_XW[:, :self._W], xi * self._W + loc_rank, xi * R + ri, loc_rank, self.slot_XR[xi, ri]
+
+    @property
+    def local_XW(self) -> np.ndarray:
+        return self._local[0]
+
+    @property
+    def loc_src(self) -> np.ndarray:
+        return self._local[1]
+
+    @property
+    def loc_dst(self) -> np.ndarray:
+        return self._local[2]
+
+    @property
+    def loc_rank(self) -> np.ndarray:
+        return self._local[3]
+
+    @property
+    def loc_slot(self) -> np.ndarray:
+        return self._local[4]
 
 
 _cache: "OrderedDict[tuple, _Layout]" = OrderedDict()
@@ -135,18 +190,31 @@ def _layout_of(placement: Placement) -> _Layout:
     if hit is not None:
         _cache.move_to_end(key)
         return hit
-    E, P = W * e_loc, W * C
-    e = np.arange(E)
-    home_slot_E = (e // e_loc) * C + e % e_loc
+    cnt_E = placement.logcnt_E
+    R = int(cnt_E.max(initial=1))
+    # Compiled where it can be: the colouring is a loop over experts, a hundred microseconds in
+    # Python at E = 256, W = 64, and every new plan needs it before its first step.
+    built = native.layout_of(placement.phy2log_P, W, C, cnt_E, int((cnt_E > 1).sum()), R)
+    out = _Layout(placement, *(built if built is not None else _layout_numpy(placement, R)))
+    _cache[key] = out
+    if len(_cache) > _CACHE_SIZE:
+        _cache.popitem(last=False)
+    return out
+
+
+def _layout_numpy(placement: Placement, R: int):
+    """(rep_X, slot_XR, rank_XR, cls_rows, cls_start) of ``placement``: the twin of
+    ``native.layout_of``. Copies in ascending slot order (padding: slot P, rank W); greedy
+    colouring, experts with more copies first: an expert joins the first class whose ranks it does
+    not touch; each class's rows in ascending order."""
+    W, C = placement.ep_size, placement.slots_per_rank_total
+    P = W * C
     copies_ER, cnt_E = placement.log2phy_ER, placement.logcnt_E
     rep_X = np.nonzero(cnt_E > 1)[0].astype(np.int64)
-    R = int(cnt_E.max(initial=1))
     sub = copies_ER[rep_X, :R]
     valid = sub >= 0
     slot_XR = np.ascontiguousarray(np.where(valid, sub, P), dtype=np.int64)
     rank_XR = np.ascontiguousarray(np.where(valid, sub // C, W), dtype=np.int64)
-    # Greedy colouring, experts with more copies first: an expert joins the first class whose
-    # ranks it does not touch. Runs once per placement, so plain Python is fine here.
     order = np.argsort(-cnt_E[rep_X], kind="stable")
     taken: List[set] = []
     members: List[List[int]] = []
@@ -160,35 +228,9 @@ def _layout_of(placement: Placement) -> _Layout:
         else:
             taken.append(set(ranks))
             members.append([x])
-    classes = []
     rows_of = [np.array(sorted(m), dtype=np.int64) for m in members]
-    for rows in rows_of:
-        r_c = int(valid[rows].sum(axis=1).max())
-        classes.append(_Class(rep_X[rows], np.ascontiguousarray(slot_XR[rows, :r_c].T),
-                              np.ascontiguousarray(rank_XR[rows, :r_c].T), np.arange(1, r_c + 1)[:, None]))
-    local_XW = np.full((rep_X.size, W + 1), -1, dtype=np.int64)
-    xi, ri = np.nonzero(valid)
-    local_XW[xi, rank_XR[xi, ri]] = ri
-    loc_rank = rank_XR[xi, ri]
-    out = _Layout(home_slot_E, e // e_loc, np.nonzero(cnt_E <= 1)[0], rep_X, slot_XR, rank_XR, valid,
-                  tuple(classes), local_XW[:, :W], xi * W + loc_rank, xi * R + ri, loc_rank, slot_XR[xi, ri],
-                  np.concatenate(rows_of + [np.zeros(0, dtype=np.int64)]),
-                  np.cumsum([0] + [r.size for r in rows_of]).astype(np.int64))
-    arrays = [out.home_slot_E, out.home_rank_E, out.single_E, out.rep_X, out.slot_XR, out.rank_XR, out.valid_XR,
-              out.local_XW, out.loc_src, out.loc_dst, out.loc_rank, out.loc_slot, out.cls_rows, out.cls_start]
-    for c in out.classes:
-        arrays += [c.expert_N, c.slot_RN, c.rank_RN, c.m_R1]
-    for arr in arrays:
-        arr.setflags(write=False)
-    X = rep_X.size
-    native_args = (X, R, rep_X.ctypes.data, slot_XR.ctypes.data, rank_XR.ctypes.data, out.cls_rows.ctypes.data,
-                   out.cls_start.ctypes.data, len(classes))
-    block = np.array(native_args, dtype=np.int64)
-    out = dataclasses.replace(out, native_args=native_args, native_block=block, native_block_ptr=block.ctypes.data)
-    _cache[key] = out
-    if len(_cache) > _CACHE_SIZE:
-        _cache.popitem(last=False)
-    return out
+    return (rep_X, slot_XR, rank_XR, np.concatenate(rows_of + [np.zeros(0, dtype=np.int64)]),
+            np.cumsum([0] + [r.size for r in rows_of]).astype(np.int64))
 
 
 def _quotas(total_E: np.ndarray, lay: _Layout, W: int, P: int) -> np.ndarray:
@@ -333,7 +375,7 @@ class RankSplit:
 
 
 def transport_rank(counts_WE: np.ndarray, placement: Placement, rank: int, prefer_local: bool = True,
-                   total_E=None) -> RankSplit:
+                   total_E=None, counts_ptr: int = 0) -> RankSplit:
     """``transport`` for one rank: the row it sends, the columns it receives and every slot's
     quota; the same integers as ``transport``'s, in O(E + W * (E_loc + X)) instead of the dense
     O(W * P) (docs/control_path.md).
@@ -343,6 +385,8 @@ def transport_rank(counts_WE: np.ndarray, placement: Placement, rank: int, prefe
         placement: the active placement. rank: this rank.
         prefer_local: keep a rank's routes on its own copy where it has one.
         total_E: int64 [E] the column sums of ``counts_WE``, if already at hand.
+        counts_ptr: the address of ``counts_WE``'s first element, if at hand (``Gathered.counts_ptr``:
+            looking up a strided view's address costs microseconds).
     """
     # NOTE: few interpreter-level calls on this path: it runs every layer, every step.
     W, e_loc, S = placement.ep_size, placement.experts_per_rank, placement.slots_per_rank
@@ -354,13 +398,14 @@ def transport_rank(counts_WE: np.ndarray, placement: Placement, rank: int, prefe
     if not 0 <= rank < W:
         raise ValueError(f"rank must lie in [0, W={W}), got {rank}")
     if counts_WE.dtype != np.int64 or counts_WE.strides[1] != 8:
-        counts_WE = np.ascontiguousarray(counts_WE, dtype=np.int64)
+        counts_WE, counts_ptr = np.ascontiguousarray(counts_WE, dtype=np.int64), 0
     if total_E is None:
         total_E = counts_WE.sum(axis=0)
     elif type(total_E) is not np.ndarray or total_E.dtype != np.int64 or not total_E.flags.c_contiguous:
         total_E = np.ascontiguousarray(total_E, dtype=np.int64)
     out = np.empty(2 * P + W * C, dtype=np.int64)
-    if native.split_rank_into(counts_WE, total_E, _layout(placement), rank, C, e_loc, _ROUNDS, prefer_local, out):
+    if native.split_rank_into(counts_WE, total_E, _layout(placement), rank, C, e_loc, _ROUNDS, prefer_local, out,
+                              counts_ptr):
         return RankSplit(rank, out[:P], out[P:P + W * C].reshape(W, C), out[P + W * C:])
     return RankSplit.of_dense(transport_numpy(counts_WE, placement, prefer_local), rank, C)
 

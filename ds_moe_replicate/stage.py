@@ -22,7 +22,7 @@ from typing import Callable, Iterator, List, Optional
 import numpy as np
 import torch
 
-from .comm import SITE_OFF, Fingerprint, gather_step, group_rank
+from .comm import SITE_OFF, Fingerprint, GatherBuffer, gather_step, group_rank
 from .config import ReplicationConfig
 from .fetch import FetchSpec, fetch_replicas
 from .hooks import RemovableHandle, StatsHooks, StepStats, step_stats
@@ -55,6 +55,7 @@ class ReplicationStage:
 
     def _init_stage(self, replication: ReplicationConfig) -> None:
         self.hooks = StatsHooks()
+        self.gather_buffer = GatherBuffer()  # host memory of this layer's all-gathers, reused
         self._last_stats: Optional[StepStats] = None
         self._pending_stats: Optional[Callable[[], StepStats]] = None
         self.runs = 0

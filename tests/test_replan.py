@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from ds_moe_replicate.placement import Placement, home_phy2log
 from ds_moe_replicate.planner import plan_replicas
-from ds_moe_replicate.replan import replan
+from ds_moe_replicate.replan import ADDED, DROPPED, HOME, KEPT, _replan_numpy, replan
 from ds_moe_replicate.split import quotas
 
 
@@ -76,9 +76,50 @@ def test_replan_rejects_bad_arguments():
     pl = Placement.home(8, 2, 1)
     with pytest.raises(ValueError, match="shape"):
         replan(np.ones(7), pl)
-    with pytest.raises(ValueError, match="non-negative"):
-        replan(-np.ones(8), pl)
+    for bad in (-np.ones(8), np.full(8, np.nan), np.full(8, np.inf), np.full(8, 1e17)):
+        with pytest.raises(ValueError, match="non-negative"):
+            replan(bad, pl)
     with pytest.raises(ValueError, match="target_balancedness"):
         replan(np.ones(8), pl, target_balancedness=0.0)
     with pytest.raises(ValueError, match="keep_balancedness"):
         replan(np.ones(8), pl, keep_balancedness=1.5)
+
+
+@settings(max_examples=120, deadline=None)
+@given(sequences(), st.sampled_from([0.9, 0.98, 0.995]), st.sampled_from([0.5, 0.95, 0.98]))
+def test_the_compiled_replan_and_its_numpy_twin_give_the_same_integers(case, target, keep):
+    """Ranks that could build the library and ranks that could not must plan the same."""
+    from ds_moe_replicate import native, split
+
+    if not native.available():
+        pytest.skip("no C compiler: the twin is the only re-plan here")
+    W, e_loc, S, loads = case
+    pl = Placement.home(W * e_loc, W, S)
+    for load in loads:
+        lay = split._layout(pl)
+        compiled = native.replan_into(load, W, e_loc, S, lay.phy_ptr, lay.native_block_ptr, split._ROUNDS, keep, target)
+        twin = _replan_numpy(load, pl, target, keep)
+        for a, b in zip(compiled, twin):
+            np.testing.assert_array_equal(a, b)
+        pl = replan(load, pl, target_balancedness=target, keep_balancedness=keep)
+        np.testing.assert_array_equal(pl.phy2log_P, compiled[1])
+
+
+def test_replan_moves_through_every_status_and_reports_its_rank_loads():
+    """Kept, dropped, added and home, each with the rank loads of the run-time split."""
+    E, W, S = 16, 4, 2
+    home = Placement.home(E, W, S)
+    hot = np.full(E, 10.0)
+    hot[0] = 400.0
+    first = replan(hot, home, with_quotas=True)
+    assert first.status == ADDED and first.placement.num_replicas > 0
+    assert first.plan_max == max_rank_load(hot, first.placement) < first.home_max == 430
+    assert first.tokens == int(hot.sum())
+    np.testing.assert_array_equal(first.quota_P, quotas(np.rint(hot).astype(np.int64)[None], first.placement))
+    again = replan(hot, first.placement, with_quotas=True)
+    assert again.status == KEPT and again.placement.phy2log_P is first.placement.phy2log_P
+    flat = np.full(E, 10.0)
+    cooled = replan(flat * 3 + np.eye(E)[5] * 60, first.placement, with_quotas=True)
+    assert cooled.status in (DROPPED, ADDED)
+    assert (cooled.placement.phy2log_P == 0).sum() < (first.placement.phy2log_P == 0).sum()  # copies of 0 freed
+    assert replan(np.zeros(E), first.placement, with_quotas=True).status == HOME

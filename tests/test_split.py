@@ -232,3 +232,23 @@ def test_split_matches_the_coordinate_descent_it_replaces():
     assert diffs.mean() < 0
     assert (diffs > 0).mean() <= 0.15
     assert (diffs / means).max() <= 0.05
+
+
+@settings(max_examples=100, deadline=None)
+@given(cases())
+def test_the_compiled_layout_and_its_numpy_twin_give_the_same_classes(case):
+    """The split's layout (replicated experts, their copies and the classes the coordinate descent
+    walks) is the same integers compiled and in NumPy, so both splits run the same descent."""
+    _, pl, _ = case
+    if not native.available():
+        pytest.skip("no C compiler")
+    cnt = pl.logcnt_E
+    R = int(cnt.max(initial=1))
+    compiled = native.layout_of(pl.phy2log_P, pl.ep_size, pl.slots_per_rank_total, cnt, int((cnt > 1).sum()), R)
+    for a, b in zip(compiled, split._layout_numpy(pl, R)):
+        np.testing.assert_array_equal(a, b)
+    rows, start = compiled[3], compiled[4]
+    for c in range(start.size - 1):  # no two experts of a class share a rank
+        ranks = compiled[2][rows[start[c]:start[c + 1]]]
+        ranks = ranks[ranks < pl.ep_size]
+        assert ranks.size == np.unique(ranks).size

@@ -125,14 +125,15 @@ class _FakeGather:
         self.spent += time.perf_counter() - t0
 
 
-def _count(expert_TK: torch.Tensor, E: int, placement: Placement, group, fake: _FakeGather):
+def _count(expert_TK: torch.Tensor, E: int, placement: Placement, group, fake: _FakeGather,
+           buffer: comm.GatherBuffer):
     """The layer's count bookkeeping (``_gate``'s count, the fingerprint, ``gather_step``);
     returns (Gathered, microseconds without the stand-in collective)."""
     fake.spent = 0.0
     t0 = time.perf_counter()
     counts_E = count_routes(expert_TK, E)
     fingerprint = comm.Fingerprint(comm.SITE_LAYER, 1, placement.version, placement.digest(), 0, 1, 0)
-    g = comm.gather_step(counts_E, fingerprint, group, tokens=expert_TK.shape[0], version=0)
+    g = comm.gather_step(counts_E, fingerprint, group, tokens=expert_TK.shape[0], version=0, buffer=buffer)
     return g, _us(t0) - fake.spent * 1e6
 
 
@@ -186,23 +187,25 @@ def measure(E: int, W: int, steps: int = 60, seed: int = 0) -> Dict[str, float]:
             stage._stats = functools.partial(ReplicationStage._stats, stage)
             step = StepState()
             resident = _Resident(policy.home.phy2log_P.size, W)
+            full = []
+            buffer = comm.GatherBuffer()  # the layer's (``ReplicationStage.gather_buffer``)
+            # Every rank's payload as the all-gather returns it: header, counts, an empty
+            # lookahead section; prepared before the loop (only the fingerprint depends on the
+            # step), so that preparing it does not sweep the caches between the timed steps.
+            gathered = [np.concatenate([np.zeros((W, comm.HEADER), dtype=np.int64), c, np.zeros_like(c)], axis=1)
+                        for c in counts]
+            for rows in gathered:
+                rows[:, 1], rows[:, 2] = TOKENS, 1
             for s in range(steps):
-                # Every rank's payload as the all-gather returns it: header (with this rank's
-                # fingerprint), counts, an empty lookahead section.
                 active = policy.active
-                head = np.zeros((W, comm.HEADER), dtype=np.int64)
-                head[:, 1] = TOKENS
-                head[:, 2] = 1
-                head[:, comm._HEAD:] = comm.Fingerprint(comm.SITE_LAYER, 1, active.version, active.digest(), 0, 1,
-                                                        0).values()
-                fake.rows = torch.from_numpy(np.concatenate([head, counts[s], np.zeros_like(counts[s])], axis=1))
+                gathered[s][:, comm._HEAD:comm.HEADER] = comm.Fingerprint(comm.SITE_LAYER, 1, active.version,
+                                                                          active.digest(), 0, 1, 0).values()
+                fake.rows = torch.from_numpy(gathered[s])
                 # NOTE: the layer counts routes its gate has just written; a fresh copy stands in
                 # for that write (untimed), so the count does not read them cold from memory.
-                g, c_us = _count(routes[s].clone(), E, active, object(), fake)
+                g, c_us = _count(routes[s].clone(), E, active, object(), fake, buffer)
                 if every_step:
-                    t0 = time.perf_counter()
-                    plan_transfers(policy.active, plan_replicas(g.total_E, W, SLOTS).placement())
-                    t["plan_full"].append(_us(t0))
+                    full.append((g.total_E.copy(), active))
                 t0 = time.perf_counter()
                 decision = policy.decide(g.total_E, True, resident.valid, grad=False)
                 if decision.prefetch_now:
@@ -210,7 +213,8 @@ def measure(E: int, W: int, steps: int = 60, seed: int = 0) -> Dict[str, float]:
                     policy.land_pending()
                 d_us = _us(t0)
                 t0 = time.perf_counter()
-                split = transport_rank(g.counts_WE, decision.placement, 0, True, total_E=g.total_E)
+                split = transport_rank(g.counts_WE, decision.placement, 0, True, total_E=g.total_E,
+                                       counts_ptr=g.counts_ptr)
                 s_us = _us(t0)
                 t0 = time.perf_counter()
                 pending = stage._stats(decision, g.total_E, split, step, False)
@@ -242,6 +246,12 @@ def measure(E: int, W: int, steps: int = 60, seed: int = 0) -> Dict[str, float]:
                     if not replanned:
                         t["total_history"].append(c_us + d_us + s_us + st_us + cl_us)
                         t["total_history_observed"].append(c_us + d_us + s_us + sb_us + cl_us)
+        # plan_replicas from scratch on the every-step loop's counts, in a loop of its own (its
+        # milliseconds of work would otherwise flush the caches the timed steps run in).
+        for total_E, active in full:
+            t0 = time.perf_counter()
+            plan_transfers(active, plan_replicas(total_E, W, SLOTS).placement())
+            t["plan_full"].append(_us(t0))
     med = {k: statistics.median(v) if v else float("nan") for k, v in t.items()}
     return dict(E=E, W=W, S=SLOTS, steps=steps, count_us=med["count"], decide_us=med["decide"], split_us=med["split"],
                 split_every_step_us=med["split_every"], plan_us=med["plan"], plan_full_us=med["plan_full"],
