@@ -203,21 +203,32 @@ class Gathered:
 
 class GatherBuffer:
     """A layer's host memory for its steps' all-gathers (its payload and the gathered rows),
-    reused from step to step. A fresh buffer of a few hundred kilobytes every step (W = 64,
-    E = 256) costs a page fault on each of its pages, tens of microseconds: the allocator hands
-    memory that large back to the system when it is freed. What ``Gathered`` reads from it is
-    valid until the layer's next step; the sums over ranks are arrays of their own."""
+    reused from step to step, with the views and tensors over it made once. A fresh buffer of a
+    few hundred kilobytes every step (W = 64, E = 256) costs a page fault on each of its pages, tens
+    of microseconds (the allocator hands memory that large back to the system when it is freed),
+    and making the views costs microseconds per step more. What ``Gathered`` reads from it is valid
+    until the layer's next step; the sums over ranks are arrays of their own.
 
-    __slots__ = ("array",)
+    Attributes (for W ranks and payloads of N entries, after ``fit``):
+        payload: int64 [N] this rank's payload; payload_t the same memory as a tensor.
+        rows: int64 [W, N] the gathered payloads; rows_t the same memory as a flat tensor.
+        rows_ptr: the address of ``rows``.
+    """
+
+    __slots__ = ("shape", "payload", "payload_t", "rows", "rows_t", "rows_ptr")
 
     def __init__(self) -> None:
-        self.array: Optional[np.ndarray] = None
+        self.shape = (0, 0)
 
-    def get(self, size: int) -> np.ndarray:
-        """int64 [size], the same memory while the size stays."""
-        if self.array is None or self.array.size != size:
-            self.array = np.empty(size, dtype=np.int64)
-        return self.array
+    def fit(self, W: int, N: int) -> "GatherBuffer":
+        """Memory for W payloads of N entries (the same while the sizes stay)."""
+        if self.shape != (W, N):
+            buf = np.empty(N + W * N, dtype=np.int64)
+            self.payload, self.rows = buf[:N], buf[N:].reshape(W, N)
+            self.payload_t, self.rows_t = torch.from_numpy(self.payload), torch.from_numpy(buf[N:])
+            self.rows_ptr = native.address(self.rows)
+            self.shape = (W, N)
+        return self
 
 
 def gather_step(counts_E: torch.Tensor, fingerprint: Fingerprint, group, *, tokens: int = 0,
@@ -264,19 +275,18 @@ def gather_step(counts_E: torch.Tensor, fingerprint: Fingerprint, group, *, toke
     # through NumPy, in one buffer (payload and gathered rows; each torch or NumPy call costs
     # microseconds there); on a device with device copies.
     if on_host:
-        buf = np.empty(N + W * N, dtype=np.int64) if buffer is None else buffer.get(N + W * N)
-        host = buf[:N]
+        mem = (GatherBuffer() if buffer is None else buffer).fit(W, N)
+        host, out, out_ptr = mem.payload, mem.rows, mem.rows_ptr
         host[:HEADER] = head
         host[HEADER:HEADER + E] = _host_array(counts_E)
         if ahead_E is None:
             host[HEADER + E:] = 0
         else:
             host[HEADER + E:] = _host_array(ahead_E)
-        out = buf[N:].reshape(W, N)
         if W == 1:
             out[0] = host
         else:
-            dist.all_gather_into_tensor(torch.from_numpy(buf[N:]), torch.from_numpy(host), group=group)
+            dist.all_gather_into_tensor(mem.rows_t, mem.payload_t, group=group)
     else:
         device = counts_E.device
         payload = torch.empty(N, dtype=torch.int64, device=device)
@@ -292,7 +302,7 @@ def gather_step(counts_E: torch.Tensor, fingerprint: Fingerprint, group, *, toke
             gathered = torch.empty(W * N, dtype=torch.int64, device=device)
             dist.all_gather_into_tensor(gathered, payload, group=group)
             out = gathered.view(W, -1).cpu().numpy()
-    out_ptr = native.address(out)
+        out_ptr = native.address(out)
     sums = native.gather_sums(out, HEADER, _HEAD, HEADER, E, ahead=ahead_E is not None, sums=sums_at, ptr=out_ptr)
     if sums is None:  # the NumPy twin
         prints = out[:, _HEAD:HEADER]

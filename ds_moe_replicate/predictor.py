@@ -54,8 +54,14 @@ class EmaPredictor(LoadPredictor):
         self._pred: Optional[np.ndarray] = None
 
     def observe(self, counts_E: np.ndarray) -> None:
-        counts = np.asarray(counts_E, dtype=np.float64)
-        self._pred = counts.copy() if self._pred is None else self.decay * self._pred + (1.0 - self.decay) * counts
+        if self._pred is None:
+            self._pred = np.array(counts_E, dtype=np.float64)
+            return
+        # NOTE: the same float operations as decay * pred + (1 - decay) * counts, in two calls
+        # (this runs every layer, every step).
+        pred = self._pred * self.decay
+        pred += np.multiply(counts_E, 1.0 - self.decay, dtype=np.float64)
+        self._pred = pred
 
     def predict(self) -> Optional[np.ndarray]:
         return None if self._pred is None else self._pred.copy()

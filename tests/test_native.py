@@ -80,7 +80,7 @@ def test_step_stats_match_their_twin(E, W, C, seed, zero_actual, with_prediction
         assert recall == recall_np
 
 
-def _gather(W, E, rows_WN, counts_E, ahead_E=None):
+def _gather(W, E, rows_WN, counts_E, ahead_E=None, buffer=None):
     """``gather_step`` as rank 0 of W, the collective replaced by the prepared rows."""
 
     def fake(out, payload, group=None):
@@ -91,7 +91,8 @@ def _gather(W, E, rows_WN, counts_E, ahead_E=None):
     with mock.patch.object(comm, "dist", SimpleNamespace(all_gather_into_tensor=fake)), \
             mock.patch.object(comm, "group_size", lambda group: W), mock.patch.object(comm, "group_rank",
                                                                                      lambda group: 0):
-        return comm.gather_step(counts_E, comm.Fingerprint(comm.SITE_LAYER, 7), object(), tokens=5, ahead_E=ahead_E)
+        return comm.gather_step(counts_E, comm.Fingerprint(comm.SITE_LAYER, 7), object(), tokens=5, ahead_E=ahead_E,
+                                buffer=buffer)
 
 
 @pytest.mark.parametrize("compiled", [True, False])
@@ -113,6 +114,22 @@ def test_gather_step_sums_flags_and_payload(compiled, monkeypatch):
     np.testing.assert_array_equal(g.total_E, want[:, comm.HEADER:comm.HEADER + E].sum(axis=0))
     np.testing.assert_array_equal(g.ahead_total_E, want[:, comm.HEADER + E:].sum(axis=0))
     assert g.tokens_W[0] == 5
+    # A layer's buffer is reused by its next step; the sums are the step's own; host counts may be
+    # NumPy (what count_routes returns there).
+    buffer = comm.GatherBuffer()
+    first = _gather(W, E, rows, counts, ahead, buffer=buffer)
+    kept = first.total_E.copy()
+    rows2 = rows.copy()
+    rows2[:, comm.HEADER:] *= 2
+    second = _gather(W, E, rows2, counts.numpy() * 3, buffer=buffer)
+    assert np.shares_memory(first.counts_WE, second.counts_WE) and second.counts_ptr == first.counts_ptr
+    np.testing.assert_array_equal(first.total_E, kept)
+    want2 = rows2.copy()
+    want2[0, comm.HEADER:comm.HEADER + E] = counts.numpy() * 3
+    want2[0, comm.HEADER + E:] = 0
+    np.testing.assert_array_equal(second.total_E, want2[:, comm.HEADER:comm.HEADER + E].sum(axis=0))
+    np.testing.assert_array_equal(second.ahead_total_E, 0)  # no lookahead section: not read
+    assert second.counts_ptr == second.counts_WE.ctypes.data
     # Another rank failed: raised here too; another rank disagrees: told which field.
     bad = rows.copy()
     bad[2, 0] = 2

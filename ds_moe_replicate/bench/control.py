@@ -8,10 +8,12 @@ change every 20 steps) and runs the layer's own control code on it, as rank 0, S
 slots per rank. Each piece is the function the layer calls:
 
 - count: ``gating.count_routes`` of this rank's routes (freshly written, as the gate leaves
-  them), the step's ``comm.Fingerprint`` (with the placement digest) and ``comm.gather_step``.
-  Its collective is replaced by a copy of the other ranks' rows; the copy's own time is measured
-  and subtracted (the collective is not control path), so what is timed is the bookkeeping
-  around it: payload, status and fingerprint checks, the sums over ranks;
+  them), the step's ``comm.Fingerprint`` (with the placement digest) and ``comm.gather_step``
+  into the layer's ``comm.GatherBuffer``. Its collective is replaced by a copy of every rank's
+  rows (prepared before the loop, all but the fingerprint); the copy's own time is measured and
+  subtracted (the collective is not control path), so what is timed is the bookkeeping around it:
+  payload, status and fingerprint checks, the sums over ranks. The copy still writes the gathered
+  rows into the buffer before the control path reads them, as the collective does;
 - decide: ``ReplicationPolicy.decide``. For the history predictors (``ema``, ``window``) it only
   picks the serving placement; ``lookahead`` / ``oracle`` re-plan there every step (incrementally,
   ``replan``), on the critical path, so for them it is reported as ``plan_us``;
