@@ -28,10 +28,8 @@ import numpy as np
 
 from .config import ReplicationConfig
 from .placement import Placement
-from .planner import plan_replicas
 from .predictor import AHEAD, HISTORY, NOW, make_predictor
 from .replan import replan
-from .split import quotas
 
 __all__ = ["Decision", "ReplicationPolicy"]
 
@@ -94,29 +92,21 @@ class ReplicationPolicy:
         """The placement for ``load_E``: only replicas that lower the predicted largest rank load
         by more than they cost (``replica_cost``, twice in training); else the home placement.
 
-        Predictors that plan every step (AHEAD, NOW) re-plan incrementally from the active
-        placement (``replan.py``: most copies stay, microseconds to a millisecond); the history
-        predictors plan from scratch every ``replan_interval`` steps (``plan_replicas``)."""
+        Every plan starts from the active placement (``replan.py``, compiled: a placement that
+        still serves is kept, otherwise the copies no longer needed are freed and new ones added
+        greedily; most copies stay, so few weights move). The same for the predictors that plan
+        every step (AHEAD, NOW) and for the history predictors every ``replan_interval`` steps
+        (``plan_replicas`` from scratch took milliseconds at E = 256, W = 64; docs/control_path.md)."""
         load_E = np.ascontiguousarray(load_E, dtype=np.float64)
         cost = self.config.replica_cost * (2.0 if grad else 1.0)
         target = min(1.0 / (1.0 + cost), 0.995)
-        if self.predictor.source == HISTORY:
-            placement = plan_replicas(load_E, self.ep_size, self.slots_per_rank,
-                                      target_balancedness=target).placement(version=self.version + 1)
-            if placement.num_replicas:
-                tokens_E = np.rint(load_E).astype(np.int64)
-                home_max = int(tokens_E.reshape(self.ep_size, -1).sum(axis=1).max())
-                plan_max = int(quotas(tokens_E[None], placement).reshape(self.ep_size, -1).sum(axis=1).max())
-                if home_max - plan_max <= cost * int(tokens_E.sum()) / self.ep_size * placement.num_replicas:
-                    placement = self.home
-        else:
-            # NOTE: at the active version, a kept placement is the active one (nothing built).
-            done = replan(load_E, self.active, target_balancedness=target, keep_balancedness=min(target, 0.98),
-                          version=self.version, with_quotas=True)
-            placement = done.placement
-            if placement.num_replicas and \
-                    done.home_max - done.plan_max <= cost * done.tokens / self.ep_size * placement.num_replicas:
-                placement = self.home
+        # NOTE: at the active version, a kept placement is the active one (nothing built).
+        done = replan(load_E, self.active, target_balancedness=target, keep_balancedness=min(target, 0.98),
+                      version=self.version, with_quotas=True)
+        placement = done.placement
+        if placement.num_replicas and \
+                done.home_max - done.plan_max <= cost * done.tokens / self.ep_size * placement.num_replicas:
+            placement = self.home
         if placement.phy2log_P is self.active.phy2log_P or np.array_equal(placement.phy2log_P, self.active.phy2log_P):
             return self.active
         self.version += 1
