@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 
 __all__ = ["available", "split_into", "split_rank_into", "gather_sums", "count_into", "step_stats", "layout_of",
-           "replan_into"]
+           "replan_into", "log2phy_of"]
 
 _SOURCE = r"""
 #include <math.h>
@@ -569,6 +569,32 @@ static void prediction_quality(const double *pred, const i64 *act, i64 E, i64 W,
     out[1] = hot ? (double)found / (double)hot : 1.0;
 }
 
+/* Copies per expert of the slot table phy [P] (cnt [E] out); returns the most copies (at least 1),
+ * or -1 if an entry lies outside [-1, E). */
+static i64 copies_impl(const i64 *phy, i64 P, i64 E, i64 *cnt) {
+    memset(cnt, 0, (size_t)E * sizeof(i64));
+    for (i64 p = 0; p < P; p++) {
+        if (phy[p] < -1 || phy[p] >= E) return -1;
+        if (phy[p] >= 0) cnt[phy[p]]++;
+    }
+    i64 R = 1;
+    for (i64 e = 0; e < E; e++) if (cnt[e] > R) R = cnt[e];
+    return R;
+}
+
+/* Each expert's slots in ascending slot order, -1 padded: log2phy [E, R] out (placement.log2phy_of
+ * for one layer; R at least the most copies). */
+static void log2phy_impl(const i64 *phy, i64 P, i64 E, i64 R, i64 *log2phy) {
+    i64 *fill = calloc((size_t)E + 1, sizeof(i64));
+    for (i64 i = 0; i < E * R; i++) log2phy[i] = -1;
+    if (!fill) return;
+    for (i64 p = 0; p < P; p++) {
+        i64 e = phy[p];
+        if (e >= 0 && fill[e] < R) log2phy[e * R + fill[e]++] = p;
+    }
+    free(fill);
+}
+
 /* Entry points. Every argument travels in one int64 vector a (integers and addresses): ctypes
  * converts each argument of a call separately, about a tenth of a microsecond each, and these run
  * a few times per layer per step. */
@@ -601,6 +627,10 @@ int ds_gather(const i64 *a) {
 
 void ds_count(const i64 *a) { count_impl(AP(const i64, 0), a[1], a[2], AP(i64, 3)); }
 
+i64 ds_copies(const i64 *a) { return copies_impl(AP(const i64, 0), a[1], a[2], AP(i64, 3)); }
+
+void ds_log2phy(const i64 *a) { log2phy_impl(AP(const i64, 0), a[1], a[2], a[3], AP(i64, 4)); }
+
 void ds_step_stats(const i64 *a) {
     step_stats_impl(AP(const i64, 0), a[1], a[2], AP(const i64, 3), a[4], AP(const double, 5), AP(i64, 6),
                     AP(double, 7));
@@ -619,9 +649,10 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 # Every entry point takes its arguments packed in one int64 vector (``_call``); the re-plan also a
 # double vector.
 _SIGNATURES = {name: [_PTR] for name in ("ds_split", "ds_split_rank", "ds_gather", "ds_count", "ds_step_stats",
-                                         "ds_layout")}
+                                         "ds_layout", "ds_copies", "ds_log2phy")}
 _SIGNATURES["ds_replan"] = [_PTR, _PTR]
-_RESTYPES = {"ds_count": None, "ds_step_stats": None, "ds_layout": ctypes.c_int64}
+_RESTYPES = {"ds_count": None, "ds_step_stats": None, "ds_layout": ctypes.c_int64, "ds_copies": ctypes.c_int64,
+             "ds_log2phy": None}
 
 
 @functools.lru_cache(maxsize=1)
@@ -801,3 +832,20 @@ def replan_into(load_E: np.ndarray, W: int, e_loc: int, S: int, prev_phy_ptr: in
         raise MemoryError("the compiled re-plan could not allocate its scratch memory")
     E = W * e_loc
     return buf[:E], buf[E:E + P], buf[E + P:E + 2 * P], buf[E + 2 * P:]
+
+
+def log2phy_of(phy_P: np.ndarray, num_experts: int):
+    """(log2phy int64 [E, R], logcnt int64 [E]) of one layer's writable C-contiguous int64 slot
+    table ``phy_P``: ``placement.log2phy_of`` for one layer, compiled (every new plan builds one).
+    None if the library is not available; ValueError for an entry outside [-1, E)."""
+    lib = _library()
+    if lib is None:
+        return None
+    at = address(phy_P)
+    cnt = np.empty(num_experts, dtype=np.int64)
+    R = _call(lib.ds_copies, at, phy_P.size, num_experts, address(cnt))
+    if R < 0:
+        raise ValueError(f"phy2log holds expert ids outside [-1, E={num_experts})")
+    out = np.empty((num_experts, R), dtype=np.int64)
+    _call(lib.ds_log2phy, at, phy_P.size, num_experts, R, address(out))
+    return out, cnt

@@ -21,6 +21,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from . import native
+
 __all__ = ["Placement", "Transfer", "plan_transfers", "log2phy_of", "home_phy2log"]
 
 
@@ -156,8 +158,13 @@ class Placement:
         if phy.size != ep_size * (experts_per_rank + slots_per_rank):
             raise ValueError(f"phy2log has {phy.size} slots, expected W * (E_loc + S) = "
                              f"{ep_size * (experts_per_rank + slots_per_rank)}")
-        log2phy, logcnt = log2phy_of(phy[None], E)
-        log2phy, logcnt = log2phy[0], logcnt[0]
+        built = native.log2phy_of(phy, E)  # compiled where it can be: every new plan builds one
+        if built is None:
+            if phy.size and (phy.min() < -1 or phy.max() >= E):
+                raise ValueError(f"phy2log holds expert ids outside [-1, E={E})")
+            log2phy, logcnt = log2phy_of(phy[None], E)
+            built = log2phy[0], logcnt[0]
+        log2phy, logcnt = built
         for a in (phy, log2phy, logcnt):
             a.setflags(write=False)
         return cls(phy, log2phy, logcnt, ep_size, experts_per_rank, slots_per_rank, version)

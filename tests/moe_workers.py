@@ -305,9 +305,10 @@ def used_token_and_residual(rank):
     return diffs
 
 
-def encoded_replicas(rank, steps=8):
+def encoded_replicas(rank, steps=12):
     """Expert weights encode (expert, tensor); after every step each resident replica must hold
-    exactly the encoding of the expert its slot is planned for."""
+    exactly the encoding of the expert its slot is planned for. (12 steps: the re-plan keeps the
+    copies that still serve, so it takes that many for every rank of 4 to hold one at a check.)"""
     W = dist.get_world_size()
     E = 2 * W
     _, rep = build_pair(num_experts=E, ep_size=W, k=1,

@@ -252,3 +252,26 @@ def test_the_compiled_layout_and_its_numpy_twin_give_the_same_classes(case):
         ranks = compiled[2][rows[start[c]:start[c + 1]]]
         ranks = ranks[ranks < pl.ep_size]
         assert ranks.size == np.unique(ranks).size
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases())
+def test_the_compiled_slot_lists_equal_their_numpy_twin(case):
+    """``Placement.from_phy2log`` builds each expert's slot list compiled; the NumPy twin agrees,
+    and both refuse an expert id outside [-1, E)."""
+    from ds_moe_replicate.placement import log2phy_of
+
+    _, pl, _ = case
+    if not native.available():
+        pytest.skip("no C compiler")
+    phy = pl.phy2log_P.copy()
+    compiled = native.log2phy_of(phy, pl.num_experts)
+    twin = log2phy_of(phy[None], pl.num_experts)
+    np.testing.assert_array_equal(compiled[0], twin[0][0])
+    np.testing.assert_array_equal(compiled[1], twin[1][0])
+    bad = phy.copy()
+    bad[0] = pl.num_experts
+    with pytest.raises(ValueError, match="outside"):
+        native.log2phy_of(bad, pl.num_experts)
+    with pytest.raises(ValueError, match="outside"):
+        Placement.from_phy2log(bad, pl.ep_size, pl.experts_per_rank, pl.slots_per_rank)
