@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 
 __all__ = ["available", "split_into", "split_rank_into", "gather_sums", "count_into", "step_stats", "layout_of",
-           "replan_into", "log2phy_of"]
+           "replan_into", "log2phy_of", "valid_slots"]
 
 _SOURCE = r"""
 #include <math.h>
@@ -415,9 +415,15 @@ static int replan_impl(const double *load, i64 W, i64 e_loc, i64 S, const i64 *p
     i64 *base = malloc((size_t)(W + 1) * sizeof(i64));
     i64 *sorted = malloc((size_t)(W + 1) * sizeof(i64));
     i64 *fill = malloc((size_t)(W + 1) * sizeof(i64));
-    i64 *copies = malloc((size_t)(W + 1) * sizeof(i64));
+    /* NOTE: int32 slots: at E = 256, W = 64 the table stays under the allocator's 128 KiB
+     * threshold, above which every call would map fresh pages and fault on each. */
+    int32_t *cop = malloc((size_t)E * (size_t)W * sizeof(int32_t) + sizeof(int32_t));
+    i64 *free_W = malloc((size_t)W * sizeof(i64));
+    char *holds = calloc((size_t)W, 1);
+    int32_t *slot_rank = malloc((size_t)P * sizeof(int32_t));
     int rc = -1;
-    if (!rank_W || !need || !seen || !ncop || !base || !sorted || !fill || !copies) goto done;
+    if (!rank_W || !need || !seen || !ncop || !base || !sorted || !fill || !cop || !free_W || !holds || !slot_rank)
+        goto done;
     /* 1. The previous placement as it is, if it still serves. */
     i64 X = prev_lay[0], R = prev_lay[1], n_cls = prev_lay[7];
     rc = quotas_of(tokens, W, E, e_loc, C, X, R, (const i64 *)(intptr_t)prev_lay[2],
@@ -451,10 +457,17 @@ static int replan_impl(const double *load, i64 W, i64 e_loc, i64 S, const i64 *p
     if ((double)top <= stop) goto done;
     /* 3. Greedy, one replica at a time: the expert with the largest share on the heaviest rank
      * is copied to the lightest rank with a free slot that holds no copy of it. */
+    /* Kept per expert: its copies' slots in ascending order (cop [E, W]); per rank: free replica
+     * slots (free_W). One pass over the slots here, none per replica added. */
     i64 nfree = 0;
-    for (i64 p = 0; p < P; p++) {
-        if (out_phy[p] >= 0) ncop[out_phy[p]]++;
-        else if (p % C >= e_loc) nfree++;
+    for (i64 w = 0, p = 0; w < W; w++) {
+        free_W[w] = 0;
+        for (i64 c = 0; c < C; c++, p++) {
+            slot_rank[p] = (int32_t)w; /* NOTE: a table, not p / C: no division in the loop below */
+            i64 e = out_phy[p];
+            if (e >= 0) cop[e * W + ncop[e]++] = (int32_t)p;
+            else if (c >= e_loc) { nfree++; free_W[w]++; }
+        }
     }
     int added = 0;
     for (i64 it = 0; it < nfree; it++) {
@@ -467,29 +480,28 @@ static int replan_impl(const double *load, i64 W, i64 e_loc, i64 S, const i64 *p
             if (c == 0 || v > best) { best = v; j = c; }
         }
         i64 e = held[j];
+        int32_t *ce = cop + (e >= 0 ? e : 0) * W;
+        i64 n = e >= 0 ? ncop[e] : 0;
+        for (i64 r = 0; r < n; r++) holds[slot_rank[ce[r]]] = 1;
         i64 rmin = -1;
-        for (i64 w = 0; w < W; w++) {
-            const i64 *h = out_phy + w * C;
-            int free_slot = 0, has = 0;
-            for (i64 c = 0; c < C; c++) {
-                if (h[c] == e) has = 1;
-                if (c >= e_loc && h[c] < 0) free_slot = 1;
-            }
-            if (free_slot && !has && (rmin < 0 || rank_W[w] < rank_W[rmin])) rmin = w;
-        }
+        for (i64 w = 0; w < W; w++)
+            if (free_W[w] > 0 && !holds[w] && (rmin < 0 || rank_W[w] < rank_W[rmin])) rmin = w;
+        for (i64 r = 0; r < n; r++) holds[slot_rank[ce[r]]] = 0;
         i64 t = rank_W[rmax];
         if ((double)t <= stop || best <= 0 || rmin < 0 || !(rank_W[rmin] < t)) break;
         i64 q = rmin * C + e_loc;
         while (out_phy[q] >= 0) q++;
         out_phy[q] = e;
         out_quota[q] = 0;
-        ncop[e]++;
+        free_W[rmin]--;
         added = 1;
-        i64 n = 0;
-        for (i64 p = 0; p < P; p++) if (out_phy[p] == e) copies[n++] = p;
-        for (i64 r = 0; r < n; r++) base[r] = rank_W[copies[r] / C] - out_quota[copies[r]];
+        i64 at = n;  /* the new copy's place among the expert's slots, in ascending order */
+        while (at > 0 && ce[at - 1] > q) { ce[at] = ce[at - 1]; at--; }
+        ce[at] = (int32_t)q;
+        n = ++ncop[e];
+        for (i64 r = 0; r < n; r++) base[r] = rank_W[slot_rank[ce[r]]] - out_quota[ce[r]];
         water_int(base, n, tokens[e], sorted, fill);
-        for (i64 r = 0; r < n; r++) { out_quota[copies[r]] = fill[r]; rank_W[copies[r] / C] = base[r] + fill[r]; }
+        for (i64 r = 0; r < n; r++) { out_quota[ce[r]] = fill[r]; rank_W[slot_rank[ce[r]]] = base[r] + fill[r]; }
     }
     if (added) {
         rc = quotas_on(tokens, out_phy, W, E, e_loc, C, rounds, out_quota);
@@ -498,7 +510,8 @@ static int replan_impl(const double *load, i64 W, i64 e_loc, i64 S, const i64 *p
         info[2] = rank_max(out_quota, W, C, NULL);
     }
 done:
-    free(rank_W); free(need); free(seen); free(ncop); free(base); free(sorted); free(fill); free(copies);
+    free(rank_W); free(need); free(seen); free(ncop); free(base); free(sorted); free(fill); free(cop); free(free_W);
+    free(holds); free(slot_rank);
     return rc;
 }
 
@@ -595,6 +608,20 @@ static void log2phy_impl(const i64 *phy, i64 P, i64 E, i64 R, i64 *log2phy) {
     free(fill);
 }
 
+/* replicas.ReplicaTable._valid compiled: ok [P] (bytes) = the slot of phy [P] is a home slot, is
+ * empty, or holds its expert's copy made at the current weights versions of the expert's home rank
+ * and of the holder (version [W]). */
+static void valid_impl(const i64 *expert, const i64 *home_version, const i64 *holder_version, const i64 *phy,
+                       const i64 *version, i64 W, i64 C, i64 e_loc, unsigned char *ok) {
+    for (i64 w = 0, p = 0; w < W; w++)
+        for (i64 c = 0; c < C; c++, p++) {
+            i64 e = phy[p];
+            ok[p] = c < e_loc || e < 0 ||
+                    (expert[p] == e && home_version[p] == version[e / (e_loc > 0 ? e_loc : 1)] &&
+                     holder_version[p] == version[w]);
+        }
+}
+
 /* Entry points. Every argument travels in one int64 vector a (integers and addresses): ctypes
  * converts each argument of a call separately, about a tenth of a microsecond each, and these run
  * a few times per layer per step. */
@@ -627,6 +654,11 @@ int ds_gather(const i64 *a) {
 
 void ds_count(const i64 *a) { count_impl(AP(const i64, 0), a[1], a[2], AP(i64, 3)); }
 
+void ds_valid(const i64 *a) {
+    valid_impl(AP(const i64, 0), AP(const i64, 1), AP(const i64, 2), AP(const i64, 3), AP(const i64, 4), a[5], a[6],
+               a[7], AP(unsigned char, 8));
+}
+
 i64 ds_copies(const i64 *a) { return copies_impl(AP(const i64, 0), a[1], a[2], AP(i64, 3)); }
 
 void ds_log2phy(const i64 *a) { log2phy_impl(AP(const i64, 0), a[1], a[2], a[3], AP(i64, 4)); }
@@ -649,10 +681,10 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 # Every entry point takes its arguments packed in one int64 vector (``_call``); the re-plan also a
 # double vector.
 _SIGNATURES = {name: [_PTR] for name in ("ds_split", "ds_split_rank", "ds_gather", "ds_count", "ds_step_stats",
-                                         "ds_layout", "ds_copies", "ds_log2phy")}
+                                         "ds_layout", "ds_copies", "ds_log2phy", "ds_valid")}
 _SIGNATURES["ds_replan"] = [_PTR, _PTR]
 _RESTYPES = {"ds_count": None, "ds_step_stats": None, "ds_layout": ctypes.c_int64, "ds_copies": ctypes.c_int64,
-             "ds_log2phy": None}
+             "ds_log2phy": None, "ds_valid": None}
 
 
 @functools.lru_cache(maxsize=1)
@@ -849,3 +881,19 @@ def log2phy_of(phy_P: np.ndarray, num_experts: int):
     out = np.empty((num_experts, R), dtype=np.int64)
     _call(lib.ds_log2phy, at, phy_P.size, num_experts, R, address(out))
     return out, cnt
+
+
+def valid_slots(expert_P: np.ndarray, home_version_P: np.ndarray, holder_version_P: np.ndarray, placement,
+                version_W: np.ndarray):
+    """``replicas.ReplicaTable._valid`` compiled: bool [P]. The table's arrays are int64
+    C-contiguous [P]; ``version_W`` int64 [W] (any layout). None if the library is not available."""
+    lib = _library()
+    if lib is None:
+        return None
+    version = np.ascontiguousarray(version_W, dtype=np.int64)
+    phy = placement.phy2log_P
+    ok = np.empty(phy.size, dtype=bool)
+    _call(lib.ds_valid, address(expert_P), address(home_version_P), address(holder_version_P), placement.phy_ptr,
+          address(version), placement.ep_size, placement.slots_per_rank_total, placement.experts_per_rank,
+          address(ok))
+    return ok

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from . import native
 
-__all__ = ["Placement", "Transfer", "plan_transfers", "log2phy_of", "home_phy2log"]
+__all__ = ["Placement", "Transfer", "plan_transfers", "missing_transfers", "log2phy_of", "home_phy2log"]
 
 
 def home_phy2log(num_experts: int, ep_size: int, slots_per_rank: int) -> np.ndarray:
@@ -115,6 +115,15 @@ class Placement:
             object.__setattr__(self, "_num_replicas", cached)  # NOTE: a cache, not a field (frozen dataclass)
         return cached
 
+    @property
+    def phy_ptr(self) -> int:
+        """The address of ``phy2log_P`` (what the compiled control path reads; looked up once)."""
+        cached = self.__dict__.get("_phy_ptr")
+        if cached is None:
+            cached = self.phy2log_P.ctypes.data
+            object.__setattr__(self, "_phy_ptr", cached)  # NOTE: a cache, not a field (frozen dataclass)
+        return cached
+
     def replica_slots(self, rank: int) -> np.ndarray:
         """int64 [S]: expert held by each replica slot of ``rank`` (-1 empty)."""
         C = self.slots_per_rank_total
@@ -175,9 +184,9 @@ class Placement:
                                 num_experts // ep_size, slots_per_rank)
 
 
-@dataclass(frozen=True)
-class Transfer:
-    """One replica's weights: expert ``expert`` from rank ``src`` into replica slot ``slot`` of rank ``dst``."""
+class Transfer(NamedTuple):
+    """One replica's weights: expert ``expert`` from rank ``src`` into replica slot ``slot`` of rank
+    ``dst`` (a named tuple: every new plan lists a few dozen of them at W = 64)."""
 
     expert: int
     src: int
@@ -194,6 +203,21 @@ def plan_transfers(old: Optional[Placement], new: Placement) -> List[Transfer]:
     if old is not None:
         changed &= new.phy2log_P != old.phy2log_P
     changed &= (np.arange(new.phy2log_P.size) % C) >= e_loc
-    p = np.nonzero(changed)[0]
-    return [Transfer(int(new.phy2log_P[i]), int(new.phy2log_P[i]) // e_loc, int(i) // C, int(i) % C - e_loc)
-            for i in p]
+    return _transfers(new, np.flatnonzero(changed))
+
+
+def missing_transfers(new: Placement, valid_P: np.ndarray) -> List[Transfer]:
+    """The copies ``new`` needs whose slots do not hold them current (``valid_P`` False, as
+    ``replicas.ReplicaTable.valid`` answers: True for home and empty slots), in ascending slot order:
+    ``plan_transfers(new.without(~valid_P), new)`` without building that placement."""
+    return _transfers(new, np.flatnonzero(~np.asarray(valid_P, dtype=bool)))
+
+
+def _transfers(new: Placement, slots: np.ndarray) -> List[Transfer]:
+    C, e_loc = new.slots_per_rank_total, new.experts_per_rank
+    out = []
+    for i in slots.tolist():
+        e = int(new.phy2log_P[i])
+        if e >= 0 and i % C >= e_loc:
+            out.append(Transfer(e, e // e_loc, i // C, i % C - e_loc))
+    return out

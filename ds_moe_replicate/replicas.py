@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import native
 from .comm import global_rank
 from .placement import Placement, Transfer
 
@@ -131,6 +132,11 @@ class ReplicaTable:
         return ok
 
     def _valid(self, placement: Placement, version_W: np.ndarray) -> np.ndarray:
+        ok = native.valid_slots(self.expert_P, self.home_version_P, self.holder_version_P, placement, version_W)
+        return ok if ok is not None else self._valid_numpy(placement, version_W)
+
+    def _valid_numpy(self, placement: Placement, version_W: np.ndarray) -> np.ndarray:
+        """``_valid`` in NumPy: the twin of ``native.valid_slots``."""
         C, e_loc = placement.slots_per_rank_total, placement.experts_per_rank
         P = placement.phy2log_P.size
         rank_P = np.arange(P) // C

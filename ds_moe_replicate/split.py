@@ -107,7 +107,7 @@ class _Layout:
         self.native_block = np.array(self.native_args, dtype=np.int64)
         self.native_block_ptr = self.native_block.ctypes.data
         self._phy_P = placement.phy2log_P  # NOTE: kept alive here, so its address stays valid
-        self.phy_ptr = self._phy_P.ctypes.data
+        self.phy_ptr = placement.phy_ptr
 
     @functools.cached_property
     def home_slot_E(self) -> np.ndarray:

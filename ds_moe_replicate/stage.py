@@ -26,7 +26,7 @@ from .comm import SITE_OFF, Fingerprint, GatherBuffer, gather_step, group_rank
 from .config import ReplicationConfig
 from .fetch import FetchSpec, fetch_replicas
 from .hooks import RemovableHandle, StatsHooks, StepStats, step_stats
-from .placement import Placement, plan_transfers
+from .placement import Placement, missing_transfers, plan_transfers
 from .policy import Decision, ReplicationPolicy
 from .predictor import EmaPredictor, name_of
 from .replicas import ExpertLayout, ReplicaStore, ReplicaTable
@@ -191,8 +191,7 @@ class ReplicationStage:
 
     def _move(self, new: Placement, version_W: np.ndarray, step: Optional[StepState] = None) -> None:
         """Start moving the copies of ``new`` that are not resident and current."""
-        resident = new.without(~self.table.valid(new, version_W))
-        transfers = plan_transfers(resident, new)
+        transfers = missing_transfers(new, self.table.valid(new, version_W))
         group = self.ep_group
         self.policy.transfers += 1
         received = self.store.start(transfers, self.home_experts, group_rank(group), group, new.experts_per_rank,

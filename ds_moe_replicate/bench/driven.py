@@ -27,7 +27,7 @@ from typing import List, Optional
 import numpy as np
 
 from ..config import ReplicationConfig
-from ..placement import Placement, Transfer, plan_transfers
+from ..placement import Placement, Transfer, missing_transfers
 from ..policy import Decision, ReplicationPolicy
 from ..replicas import ReplicaTable
 
@@ -59,8 +59,7 @@ class FakeStore:
 
     def start(self, new: Placement, lands_at: int) -> List[Transfer]:
         """Start moving the copies of ``new`` that are not resident; they land at step ``lands_at``."""
-        resident = new.without(~self.valid(new))
-        transfers = plan_transfers(resident, new)
+        transfers = missing_transfers(new, self.valid(new))
         self.table.begin(transfers, new, self.version_W)
         self.bytes_moved += len(transfers) * self.bytes_per_replica
         self._lands_at = lands_at
