@@ -84,6 +84,18 @@ def test_replica_weights_always_match_their_slot_across_moves():
     assert sum(r.bytes_received for r in results) > 0
 
 
+def _random_placement(rng) -> Placement:
+    """Home placement of random sizes plus replicas of random experts in most replica slots."""
+    W, e_loc, S = int(rng.integers(1, 9)), int(rng.integers(1, 5)), int(rng.integers(0, 3))
+    E, C = W * e_loc, e_loc + S
+    phy = Placement.home(E, W, S).phy2log_P.copy()
+    for r in range(W):
+        for j in range(S):
+            if rng.random() < 0.7:
+                phy[r * C + e_loc + j] = int(rng.integers(E))
+    return Placement.from_phy2log(phy, W, e_loc, S)
+
+
 def test_compiled_validity_equals_its_numpy_twin():
     """The replica table's validity check, compiled and in NumPy, on random tables and placements."""
     from ds_moe_replicate import native
@@ -92,19 +104,13 @@ def test_compiled_validity_equals_its_numpy_twin():
         pytest.skip("no C compiler")
     rng = np.random.default_rng(5)
     for _ in range(40):
-        W, e_loc, S = int(rng.integers(1, 9)), int(rng.integers(1, 5)), int(rng.integers(0, 3))
-        E, C = W * e_loc, e_loc + S
-        phy = Placement.home(E, W, S).phy2log_P.copy()
-        for r in range(W):
-            for j in range(S):
-                if rng.random() < 0.7:
-                    phy[r * C + e_loc + j] = int(rng.integers(E))
-        pl = Placement.from_phy2log(phy, W, e_loc, S)
+        pl = _random_placement(rng)
+        phy, E = pl.phy2log_P, pl.num_experts
         table = ReplicaTable(phy.size)
         table.expert_P[:] = np.where(rng.random(phy.size) < 0.8, phy, rng.integers(-1, E, phy.size))
         table.home_version_P[:] = rng.integers(0, 3, phy.size)
         table.holder_version_P[:] = rng.integers(0, 3, phy.size)
-        version_W = rng.integers(0, 3, W)
+        version_W = rng.integers(0, 3, pl.ep_size)
         compiled = table._valid(pl, version_W)
         np.testing.assert_array_equal(compiled, table._valid_numpy(pl, version_W))
         assert compiled.dtype == bool
@@ -116,14 +122,8 @@ def test_missing_transfers_are_the_copies_a_placement_without_the_stale_slots_la
 
     rng = np.random.default_rng(9)
     for _ in range(60):
-        W, e_loc, S = int(rng.integers(1, 7)), int(rng.integers(1, 4)), int(rng.integers(0, 3))
-        E, C = W * e_loc, e_loc + S
-        phy = Placement.home(E, W, S).phy2log_P.copy()
-        for r in range(W):
-            for j in range(S):
-                if rng.random() < 0.7:
-                    phy[r * C + e_loc + j] = int(rng.integers(E))
-        new = Placement.from_phy2log(phy, W, e_loc, S)
+        new = _random_placement(rng)
+        phy, C, e_loc = new.phy2log_P, new.slots_per_rank_total, new.experts_per_rank
         valid = (rng.random(phy.size) < 0.5) | ((np.arange(phy.size) % C) < e_loc) | (phy < 0)
         want = plan_transfers(new.without(~valid), new)
         assert missing_transfers(new, valid) == want
