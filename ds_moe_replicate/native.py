@@ -843,7 +843,7 @@ def layout_of(phy_P: np.ndarray, W: int, C: int, cnt_E: np.ndarray, X: int, R: i
 
 def replan_into(load_E: np.ndarray, W: int, e_loc: int, S: int, prev_phy_ptr: int, prev_block_ptr: int,
                 rounds: int, keep: float, target: float):
-    """``replan._replan`` compiled: (tokens [E], new slot table [P], its quotas [P], info [4]: status,
+    """The re-plan of ``replan.replan`` compiled: (tokens [E], new slot table [P], its quotas [P], info [4]: status,
     home max, plan max, tokens' sum), the same integers as ``replan._replan_numpy``. ``load_E``
     float64 C-contiguous [E]; ``prev_phy_ptr`` and ``prev_block_ptr``: the previous placement's
     slot table and layout (``split._Layout.phy_ptr`` and ``native_block_ptr``). None if the
