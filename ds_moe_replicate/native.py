@@ -1,5 +1,7 @@
 """The control path compiled: the per-step integer arithmetic of the split, the gathered-counts
-bookkeeping and the prediction statistics, in C, with NumPy twins in ``split``, ``comm`` and ``hooks``.
+bookkeeping, the prediction statistics, the incremental re-plan and what a new placement needs
+(its slot lists, its split layout, the replicas' validity), in C, with NumPy twins in ``split``,
+``comm``, ``hooks``, ``replan``, ``placement`` and ``replicas``.
 
 Why: this runs on every rank, every layer, every step, on the critical path (docs/control_path.md).
 Vectorised NumPy still costs about a microsecond per array call on a small CPU, and an int64
@@ -9,8 +11,11 @@ needs a few dozen calls per class of experts per round. The same loops in C take
 The C source below is compiled once per machine with the system C compiler (``$CC``, default
 ``cc``) into ``$DS_MOE_REPLICATE_CACHE`` (default ``~/.cache/ds_moe_replicate``) and loaded with
 ``ctypes``; no build step, no new dependency. Where it cannot be built, the callers use their
-NumPy twins, which give the same integers (``tests/test_split.py`` and ``tests/test_native.py``
-check every result against them), so ranks that differ in this respect still agree.
+NumPy twins, which give the same integers (``tests/test_split.py``, ``tests/test_native.py``,
+``tests/test_replan.py`` and ``tests/test_replicas.py`` check every result against them), so ranks
+that differ in this respect still agree. The same holds for a call whose scratch memory could not
+be had: it answers "not available" and its caller runs the twin, rather than raising on one rank
+while the others go on into the next collective.
 
 Legend: W ranks, E logical experts, C slots per rank, P = W * C physical slots, X replicated
 experts, R copies per expert at most.
@@ -596,16 +601,17 @@ static i64 copies_impl(const i64 *phy, i64 P, i64 E, i64 *cnt) {
 }
 
 /* Each expert's slots in ascending slot order, -1 padded: log2phy [E, R] out (placement.log2phy_of
- * for one layer; R at least the most copies). */
-static void log2phy_impl(const i64 *phy, i64 P, i64 E, i64 R, i64 *log2phy) {
+ * for one layer; R at least the most copies). Returns 0, or -1 without scratch memory. */
+static i64 log2phy_impl(const i64 *phy, i64 P, i64 E, i64 R, i64 *log2phy) {
     i64 *fill = calloc((size_t)E + 1, sizeof(i64));
+    if (!fill) return -1;
     for (i64 i = 0; i < E * R; i++) log2phy[i] = -1;
-    if (!fill) return;
     for (i64 p = 0; p < P; p++) {
         i64 e = phy[p];
         if (e >= 0 && fill[e] < R) log2phy[e * R + fill[e]++] = p;
     }
     free(fill);
+    return 0;
 }
 
 /* replicas.ReplicaTable._valid compiled: ok [P] (bytes) = the slot of phy [P] is a home slot, is
@@ -661,7 +667,7 @@ void ds_valid(const i64 *a) {
 
 i64 ds_copies(const i64 *a) { return copies_impl(AP(const i64, 0), a[1], a[2], AP(i64, 3)); }
 
-void ds_log2phy(const i64 *a) { log2phy_impl(AP(const i64, 0), a[1], a[2], a[3], AP(i64, 4)); }
+i64 ds_log2phy(const i64 *a) { return log2phy_impl(AP(const i64, 0), a[1], a[2], a[3], AP(i64, 4)); }
 
 void ds_step_stats(const i64 *a) {
     step_stats_impl(AP(const i64, 0), a[1], a[2], AP(const i64, 3), a[4], AP(const double, 5), AP(i64, 6),
@@ -684,7 +690,7 @@ _SIGNATURES = {name: [_PTR] for name in ("ds_split", "ds_split_rank", "ds_gather
                                          "ds_layout", "ds_copies", "ds_log2phy", "ds_valid")}
 _SIGNATURES["ds_replan"] = [_PTR, _PTR]
 _RESTYPES = {"ds_count": None, "ds_step_stats": None, "ds_layout": ctypes.c_int64, "ds_copies": ctypes.c_int64,
-             "ds_log2phy": None, "ds_valid": None}
+             "ds_log2phy": ctypes.c_int64, "ds_valid": None}
 
 
 @functools.lru_cache(maxsize=1)
@@ -738,16 +744,11 @@ def _call(fn, *values: int):
     return fn(args.buffer_info()[0])
 
 
-def _checked(rc: int) -> None:
-    if rc != 0:
-        raise MemoryError("the compiled split could not allocate its scratch memory")
-
-
 def split_into(counts_WE: np.ndarray, lay, W: int, C: int, e_loc: int, rounds: int, prefer_local: bool,
                send_WP, quota_P: np.ndarray) -> bool:
     """Fill ``send_WP`` (int64 [rows of counts_WE, P], or None for the quotas alone) and
     ``quota_P`` (int64 [P]), every entry, for the layout ``lay`` (``split._Layout``); False if
-    the compiled split is not available. ``counts_WE`` has W rows for the split; any number of
+    the compiled split is not available or had no scratch memory. ``counts_WE`` has W rows for the split; any number of
     rows (their sum is what counts) for the quotas alone, with ``prefer_local`` off."""
     lib = _library()
     if lib is None:
@@ -757,9 +758,11 @@ def split_into(counts_WE: np.ndarray, lay, W: int, C: int, e_loc: int, rounds: i
             or quota_P.shape != (W * C,):
         raise ValueError(f"counts {counts.shape}, send {None if send_WP is None else send_WP.shape} and quota "
                          f"{quota_P.shape} do not fit W={W}, C={C}")
-    _checked(_call(lib.ds_split, address(counts), counts.shape[0], W, counts.shape[1], e_loc, C, *lay.native_args,
-                   rounds, int(prefer_local), 0 if send_WP is None else address(send_WP), address(quota_P)))
-    return True
+    # NOTE: False also when the library had no scratch memory (-1): the caller's twin gives the
+    # same integers, so this rank still agrees with the others (raising here alone would leave
+    # them waiting in the next collective).
+    return _call(lib.ds_split, address(counts), counts.shape[0], W, counts.shape[1], e_loc, C, *lay.native_args,
+                 rounds, int(prefer_local), 0 if send_WP is None else address(send_WP), address(quota_P)) == 0
 
 
 def split_rank_into(counts_WE: np.ndarray, total_E: np.ndarray, lay, rank: int, C: int, e_loc: int, rounds: int,
@@ -768,14 +771,13 @@ def split_rank_into(counts_WE: np.ndarray, total_E: np.ndarray, lay, rank: int, 
     send_P [P], recv_WC [W, C], quota_P [P]), every entry. ``counts_WE``: int64 [W, E] with
     contiguous rows (a view into the gathered buffer is fine); ``total_E``: int64 contiguous, its
     column sums; ``counts_ptr``: its address if the caller has it. False if the library is not
-    available."""
+    available or had no scratch memory."""
     lib = _library()
     if lib is None:
         return False
     W, E = counts_WE.shape
-    _checked(_call(lib.ds_split_rank, counts_ptr or address(counts_WE), counts_WE.strides[0] // 8, address(total_E),
-                   W, E, e_loc, C, lay.native_block_ptr, rounds, int(prefer_local), rank, address(out)))
-    return True
+    return _call(lib.ds_split_rank, counts_ptr or address(counts_WE), counts_WE.strides[0] // 8, address(total_E),
+                 W, E, e_loc, C, lay.native_block_ptr, rounds, int(prefer_local), rank, address(out)) == 0
 
 
 def gather_sums(buf_WN: np.ndarray, head: int, fp_lo: int, fp_hi: int, E: int, ahead: bool = True,
@@ -825,7 +827,7 @@ def layout_of(phy_P: np.ndarray, W: int, C: int, cnt_E: np.ndarray, X: int, R: i
     """The compiled half of ``split._Layout`` for the slot table ``phy_P`` (int64 [W * C]) with
     ``cnt_E`` copies per expert (int64 [E]), X of them replicated, R copies at most: (rep_X [X],
     slot_XR [X, R], rank_XR [X, R], cls_rows [X], cls_start [classes + 1]), the same integers as
-    ``split._layout_numpy``. None if the library is not available."""
+    ``split._layout_numpy``. None if the library is not available or had no scratch memory."""
     lib = _library()
     if lib is None:
         return None
@@ -837,7 +839,7 @@ def layout_of(phy_P: np.ndarray, W: int, C: int, cnt_E: np.ndarray, X: int, R: i
     n_cls = _call(lib.ds_layout, address(phy), W, C, cnt.size, address(cnt), X, R, address(rep_X), address(slot_XR),
                   address(rank_XR), address(cls_rows), address(cls_start))
     if n_cls < 0:
-        raise MemoryError("the compiled split layout could not allocate its scratch memory")
+        return None  # NOTE: no scratch memory here: the twin gives the same layout
     return rep_X, slot_XR, rank_XR, cls_rows, cls_start[:n_cls + 1]
 
 
@@ -847,7 +849,8 @@ def replan_into(load_E: np.ndarray, W: int, e_loc: int, S: int, prev_phy_ptr: in
     home max, plan max, tokens' sum), the same integers as ``replan._replan_numpy``. ``load_E``
     float64 C-contiguous [E]; ``prev_phy_ptr`` and ``prev_block_ptr``: the previous placement's
     slot table and layout (``split._Layout.phy_ptr`` and ``native_block_ptr``). None if the
-    library is not available; ValueError for a negative, non-finite or too large load."""
+    library is not available or had no scratch memory; ValueError for a negative, non-finite or too
+    large load."""
     lib = _library()
     if lib is None:
         return None
@@ -861,7 +864,7 @@ def replan_into(load_E: np.ndarray, W: int, e_loc: int, S: int, prev_phy_ptr: in
     if rc == -2:
         raise ValueError("load must be finite, non-negative and at most 2**53")
     if rc != 0:
-        raise MemoryError("the compiled re-plan could not allocate its scratch memory")
+        return None  # NOTE: no scratch memory here: the twin gives the same plan on this rank
     E = W * e_loc
     return buf[:E], buf[E:E + P], buf[E + P:E + 2 * P], buf[E + 2 * P:]
 
@@ -869,7 +872,8 @@ def replan_into(load_E: np.ndarray, W: int, e_loc: int, S: int, prev_phy_ptr: in
 def log2phy_of(phy_P: np.ndarray, num_experts: int):
     """(log2phy int64 [E, R], logcnt int64 [E]) of one layer's writable C-contiguous int64 slot
     table ``phy_P``: ``placement.log2phy_of`` for one layer, compiled (every new plan builds one).
-    None if the library is not available; ValueError for an entry outside [-1, E)."""
+    None if the library is not available or had no scratch memory; ValueError for an entry
+    outside [-1, E)."""
     lib = _library()
     if lib is None:
         return None
@@ -879,7 +883,8 @@ def log2phy_of(phy_P: np.ndarray, num_experts: int):
     if R < 0:
         raise ValueError(f"phy2log holds expert ids outside [-1, E={num_experts})")
     out = np.empty((num_experts, R), dtype=np.int64)
-    _call(lib.ds_log2phy, at, phy_P.size, num_experts, R, address(out))
+    if _call(lib.ds_log2phy, at, phy_P.size, num_experts, R, address(out)) != 0:
+        return None  # NOTE: no scratch memory here: the caller's twin gives the same answer
     return out, cnt
 
 

@@ -159,3 +159,40 @@ def test_step_stats_record_is_the_same_without_the_library(monkeypatch):
     assert fast.num_replicas == twin.num_replicas == 3
     for name in ("balancedness", "prediction_l1", "hot_recall"):
         assert getattr(fast, name) == pytest.approx(getattr(twin, name), rel=1e-12)
+
+
+def test_a_compiled_call_without_scratch_memory_falls_back_to_the_twin(monkeypatch):
+    """A compiled call that could not allocate answers "not available" (the twin runs and gives the
+    same integers) instead of raising on one rank while the others go on into the next collective."""
+    from ds_moe_replicate import replan as replan_mod
+    from ds_moe_replicate import split
+    from ds_moe_replicate.placement import Placement
+    from ds_moe_replicate.planner import plan_replicas
+
+    if not native.available():
+        pytest.skip("no C compiler")
+    rng = np.random.default_rng(4)
+    W, E = 8, 32
+    counts = rng.integers(0, 60, (W, E))
+    counts[:, 3] += 500
+    placement = plan_replicas(counts.sum(axis=0), W, 2).placement()
+    load = (counts.sum(axis=0) * rng.uniform(0.5, 1.5, E)).astype(float)
+    want = (split.transport_rank(counts, placement, 2), split.quotas(counts, placement),
+            replan_mod.replan(load, placement, with_quotas=True), Placement.from_phy2log(placement.phy2log_P, W, 4, 2))
+    call = native._call
+
+    def no_memory(fn, *values):  # every entry point that allocates reports -1
+        rc = call(fn, *values)
+        return -1 if fn.__name__ in ("ds_split", "ds_split_rank", "ds_replan", "ds_layout", "ds_log2phy") else rc
+
+    monkeypatch.setattr(native, "_call", no_memory)
+    monkeypatch.setattr(native._library(), "ds_replan", lambda args, thresholds: -1)
+    split._cache.clear()
+    split._by_object.clear()
+    got = (split.transport_rank(counts, placement, 2), split.quotas(counts, placement),
+           replan_mod.replan(load, placement, with_quotas=True), Placement.from_phy2log(placement.phy2log_P, W, 4, 2))
+    for a, b in ((want[0].send_P, got[0].send_P), (want[0].recv_WC, got[0].recv_WC), (want[1], got[1]),
+                 (want[2].placement.phy2log_P, got[2].placement.phy2log_P), (want[2].quota_P, got[2].quota_P),
+                 (want[3].log2phy_ER, got[3].log2phy_ER)):
+        np.testing.assert_array_equal(a, b)
+    assert want[2].status == got[2].status
