@@ -270,7 +270,6 @@ def gather_step(counts_E: torch.Tensor, fingerprint: Fingerprint, group, *, toke
     head = (code, tokens, int(landed), version, ahead_version) + tuple(fingerprint)
     N = HEADER + 2 * E
     W = group_size(group)
-    sums_at = np.empty(2 * E, dtype=np.int64)
     # NOTE: filled in place (no concatenation): this runs every layer, every step. On the host
     # through NumPy, in one buffer (payload and gathered rows; each torch or NumPy call costs
     # microseconds there); on a device with device copies.
@@ -303,7 +302,7 @@ def gather_step(counts_E: torch.Tensor, fingerprint: Fingerprint, group, *, toke
             dist.all_gather_into_tensor(gathered, payload, group=group)
             out = gathered.view(W, -1).cpu().numpy()
         out_ptr = native.address(out)
-    sums = native.gather_sums(out, HEADER, _HEAD, HEADER, E, ahead=ahead_E is not None, sums=sums_at, ptr=out_ptr)
+    sums = native.gather_sums(out, HEADER, _HEAD, HEADER, E, ahead=ahead_E is not None, ptr=out_ptr)
     if sums is None:  # the NumPy twin
         prints = out[:, _HEAD:HEADER]
         flags = int(out[:, 0].any()) | 2 * int((prints != prints[0]).any())

@@ -31,7 +31,6 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -748,8 +747,9 @@ def split_into(counts_WE: np.ndarray, lay, W: int, C: int, e_loc: int, rounds: i
                send_WP, quota_P: np.ndarray) -> bool:
     """Fill ``send_WP`` (int64 [rows of counts_WE, P], or None for the quotas alone) and
     ``quota_P`` (int64 [P]), every entry, for the layout ``lay`` (``split._Layout``); False if
-    the compiled split is not available or had no scratch memory. ``counts_WE`` has W rows for the split; any number of
-    rows (their sum is what counts) for the quotas alone, with ``prefer_local`` off."""
+    the compiled split is not available or had no scratch memory. ``counts_WE`` has W rows for
+    the split; any number of rows (their sum is what counts) for the quotas alone, with
+    ``prefer_local`` off."""
     lib = _library()
     if lib is None:
         return False
@@ -780,18 +780,16 @@ def split_rank_into(counts_WE: np.ndarray, total_E: np.ndarray, lay, rank: int, 
                  W, E, e_loc, C, lay.native_block_ptr, rounds, int(prefer_local), rank, address(out)) == 0
 
 
-def gather_sums(buf_WN: np.ndarray, head: int, fp_lo: int, fp_hi: int, E: int, ahead: bool = True,
-                sums: Optional[np.ndarray] = None, ptr: int = 0):
+def gather_sums(buf_WN: np.ndarray, head: int, fp_lo: int, fp_hi: int, E: int, ahead: bool = True, ptr: int = 0):
     """(flags, counts summed over ranks [E], lookahead counts summed [E]) of the step's gathered
     int64 C-contiguous [W, head + 2E] buffer; flags: 1 = a rank reported a failure (column 0),
     2 = the fingerprint columns [fp_lo, fp_hi) differ. Without ``ahead`` the lookahead section is
-    not read (zeros). ``sums``: int64 C-contiguous [2E] to hold the two sums (default: new);
-    ``ptr``: the buffer's address if the caller has it. None if the library is not available."""
+    not read (zeros). ``ptr``: the buffer's address if the caller has it. None if the library is
+    not available."""
     lib = _library()
     if lib is None:
         return None
-    if sums is None:
-        sums = np.empty(2 * E, dtype=np.int64)
+    sums = np.empty(2 * E, dtype=np.int64)
     W, N = buf_WN.shape
     at = address(sums)
     flags = _call(lib.ds_gather, ptr or address(buf_WN), W, N, head, fp_lo, fp_hi, E, int(ahead), at, at + 8 * E)
@@ -845,10 +843,11 @@ def layout_of(phy_P: np.ndarray, W: int, C: int, cnt_E: np.ndarray, X: int, R: i
 
 def replan_into(load_E: np.ndarray, W: int, e_loc: int, S: int, prev_phy_ptr: int, prev_block_ptr: int,
                 rounds: int, keep: float, target: float):
-    """The re-plan of ``replan.replan`` compiled: (tokens [E], new slot table [P], its quotas [P], info [4]: status,
-    home max, plan max, tokens' sum), the same integers as ``replan._replan_numpy``. ``load_E``
+    """The re-plan of ``replan.replan`` compiled: (tokens [E], new slot table [P], its quotas [P],
+    info [4]: status, home max, plan max, tokens' sum), the same integers as
+    ``replan._replan_numpy``. ``load_E``
     float64 C-contiguous [E]; ``prev_phy_ptr`` and ``prev_block_ptr``: the previous placement's
-    slot table and layout (``split._Layout.phy_ptr`` and ``native_block_ptr``). None if the
+    slot table and layout (``Placement.phy_ptr`` and ``split._Layout.native_block_ptr``). None if the
     library is not available or had no scratch memory; ValueError for a negative, non-finite or too
     large load."""
     lib = _library()

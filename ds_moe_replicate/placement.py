@@ -15,6 +15,7 @@ rank, P = W * C physical slots, R copies per expert at most.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple
@@ -107,22 +108,16 @@ class Placement:
     def num_experts(self) -> int:
         return self.ep_size * self.experts_per_rank
 
-    @property
+    # NOTE: the cached properties below are caches, not fields: ``functools.cached_property``
+    # writes the instance's ``__dict__`` directly, which a frozen dataclass allows.
+    @functools.cached_property
     def num_replicas(self) -> int:
-        cached = self.__dict__.get("_num_replicas")
-        if cached is None:
-            cached = int((self.phy2log_P >= 0).sum()) - self.num_experts
-            object.__setattr__(self, "_num_replicas", cached)  # NOTE: a cache, not a field (frozen dataclass)
-        return cached
+        return int((self.phy2log_P >= 0).sum()) - self.num_experts
 
-    @property
+    @functools.cached_property
     def phy_ptr(self) -> int:
         """The address of ``phy2log_P`` (what the compiled control path reads; looked up once)."""
-        cached = self.__dict__.get("_phy_ptr")
-        if cached is None:
-            cached = self.phy2log_P.ctypes.data
-            object.__setattr__(self, "_phy_ptr", cached)  # NOTE: a cache, not a field (frozen dataclass)
-        return cached
+        return self.phy2log_P.ctypes.data
 
     def replica_slots(self, rank: int) -> np.ndarray:
         """int64 [S]: expert held by each replica slot of ``rank`` (-1 empty)."""
@@ -132,13 +127,13 @@ class Placement:
     def digest(self) -> int:
         """A 62-bit hash of the layout and version, equal on ranks that hold the same placement
         (computed once per placement: the layer sends it every step)."""
-        cached = self.__dict__.get("_digest")
-        if cached is None:
-            h = hashlib.blake2b(self.phy2log_P.tobytes(), digest_size=8)
-            h.update(np.int64(self.version).tobytes())
-            cached = int.from_bytes(h.digest(), "little") >> 2
-            object.__setattr__(self, "_digest", cached)  # NOTE: a cache, not a field (frozen dataclass)
-        return cached
+        return self._digest
+
+    @functools.cached_property
+    def _digest(self) -> int:
+        h = hashlib.blake2b(self.phy2log_P.tobytes(), digest_size=8)
+        h.update(np.int64(self.version).tobytes())
+        return int.from_bytes(h.digest(), "little") >> 2
 
     def with_version(self, version: int) -> "Placement":
         """The same slots under another version (the read-only slot tables are shared)."""

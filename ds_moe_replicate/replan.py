@@ -102,9 +102,8 @@ def replan(load, previous: Placement, *, target_balancedness: float = 0.995, kee
     _check(load_E, previous, target_balancedness, keep_balancedness)
     W, e_loc, S = previous.ep_size, previous.experts_per_rank, previous.slots_per_rank
     version = previous.version + 1 if version is None else version
-    lay = _layout(previous)
-    done = native.replan_into(load_E, W, e_loc, S, lay.phy_ptr, lay.native_block_ptr, _ROUNDS, keep_balancedness,
-                              target_balancedness)
+    done = native.replan_into(load_E, W, e_loc, S, previous.phy_ptr, _layout(previous).native_block_ptr, _ROUNDS,
+                              keep_balancedness, target_balancedness)
     if done is None:
         done = _replan_numpy(load_E, previous, target_balancedness, keep_balancedness)
     tokens_E, phy_P, quota_P, info = done

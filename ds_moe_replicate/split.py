@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, NamedTuple, Tuple
 
 import numpy as np
 
@@ -81,17 +81,11 @@ class _Layout:
             above, which live as long as the layout).
         native_block / native_block_ptr: the same as one int64 array, and its address (what the
             per-rank split and the re-plan read).
-        phy_ptr: the address of the placement's slot table (equal contents for every placement
-            this layout is shared by).
         home_slot_E / home_rank_E: home physical slot and rank of each expert (twins).
         single_E: experts with one copy: their routes all go home (twins).
         valid_XR: real copies (twins).
         classes: the classes as ``_Class`` arrays (twins).
-        local_XW: for each replicated expert and rank, the copy index (into R) held by that rank,
-            or -1 (twins).
-        loc_src / loc_dst: flat indices into [X, W] and [X, R] of every real copy (the source on
-            its own rank, and the copy), for the local matches of ``prefer_local`` (twins).
-        loc_rank / loc_slot: the rank and slot of those copies (twins).
+        local: ``_Local``, each replicated expert's copy on each rank (twins).
     """
 
     def __init__(self, placement: Placement, rep_X, slot_XR, rank_XR, cls_rows, cls_start) -> None:
@@ -106,8 +100,6 @@ class _Layout:
                             cls_start.ctypes.data, cls_start.size - 1)
         self.native_block = np.array(self.native_args, dtype=np.int64)
         self.native_block_ptr = self.native_block.ctypes.data
-        self._phy_P = placement.phy2log_P  # NOTE: kept alive here, so its address stays valid
-        self.phy_ptr = placement.phy_ptr
 
     @functools.cached_property
     def home_slot_E(self) -> np.ndarray:
@@ -137,33 +129,31 @@ class _Layout:
         return tuple(out)
 
     @functools.cached_property
-    def _local(self):
+    def local(self) -> "_Local":
         X, R = self.slot_XR.shape
         local_XW = np.full((X, self._W + 1), -1, dtype=np.int64)
         xi, ri = np.nonzero(self.valid_XR)
         loc_rank = self.rank_XR[xi, ri]
         local_XW[xi, loc_rank] = ri
-        return local_XW[:, :self._W], xi * self._W + loc_rank, xi * R + ri, loc_rank, self.slot_XR[xi, ri]
+        return _Local(local_XW[:, :self._W], xi * self._W + loc_rank, xi * R + ri, loc_rank, self.slot_XR[xi, ri])
 
-    @property
-    def local_XW(self) -> np.ndarray:
-        return self._local[0]
 
-    @property
-    def loc_src(self) -> np.ndarray:
-        return self._local[1]
+class _Local(NamedTuple):
+    """Each replicated expert's copy on each rank, for the NumPy twins.
 
-    @property
-    def loc_dst(self) -> np.ndarray:
-        return self._local[2]
+    Attributes:
+        local_XW: for each replicated expert and rank, the copy index (into R) held by that rank,
+            or -1.
+        loc_src / loc_dst: flat indices into [X, W] and [X, R] of every real copy (the source on
+            its own rank, and the copy), for the local matches of ``prefer_local``.
+        loc_rank / loc_slot: the rank and slot of those copies.
+    """
 
-    @property
-    def loc_rank(self) -> np.ndarray:
-        return self._local[3]
-
-    @property
-    def loc_slot(self) -> np.ndarray:
-        return self._local[4]
+    local_XW: np.ndarray
+    loc_src: np.ndarray
+    loc_dst: np.ndarray
+    loc_rank: np.ndarray
+    loc_slot: np.ndarray
 
 
 _cache: "OrderedDict[tuple, _Layout]" = OrderedDict()
@@ -437,10 +427,11 @@ def transport_numpy(counts_WE: np.ndarray, placement: Placement, prefer_local: b
     quota_XR = _quotas(total_E, lay, W, P)[lay.slot_XR]
     rest_XW = counts_WE.T[lay.rep_X]
     if prefer_local:
-        take = np.minimum(rest_XW.reshape(-1)[lay.loc_src], quota_XR.reshape(-1)[lay.loc_dst])
-        send_WP[lay.loc_rank, lay.loc_slot] = take
-        rest_XW.reshape(-1)[lay.loc_src] -= take
-        quota_XR.reshape(-1)[lay.loc_dst] -= take
+        loc = lay.local
+        take = np.minimum(rest_XW.reshape(-1)[loc.loc_src], quota_XR.reshape(-1)[loc.loc_dst])
+        send_WP[loc.loc_rank, loc.loc_slot] = take
+        rest_XW.reshape(-1)[loc.loc_src] -= take
+        quota_XR.reshape(-1)[loc.loc_dst] -= take
     # North-west corner on one stream: sources (expert-major, rank order) against copies
     # (expert-major, slot order). Each expert's sources and copies hold the same number of
     # routes, so expert boundaries line up in both cumulative sums and no piece crosses experts.
@@ -496,7 +487,7 @@ def capacity_transport(counts_WE: np.ndarray, capacity_W: np.ndarray, placement:
     # Position of copy r in source w's fill order: the local copy first, then the others in slot
     # order (a copy before the local one moves one place back).
     r_R = np.arange(R)
-    loc_WX = lay.local_XW.T if prefer_local else np.full((W, X), -1, dtype=np.int64)
+    loc_WX = lay.local.local_XW.T if prefer_local else np.full((W, X), -1, dtype=np.int64)
     has = loc_WX[:, :, None] >= 0
     pos_WXR = np.where(has & (r_R < loc_WX[:, :, None]), r_R + 1, r_R)
     pos_WXR = np.where(has & (r_R == loc_WX[:, :, None]), 0, pos_WXR)

@@ -97,7 +97,7 @@ def test_the_compiled_replan_and_its_numpy_twin_give_the_same_integers(case, tar
     pl = Placement.home(W * e_loc, W, S)
     for load in loads:
         lay = split._layout(pl)
-        compiled = native.replan_into(load, W, e_loc, S, lay.phy_ptr, lay.native_block_ptr, split._ROUNDS, keep, target)
+        compiled = native.replan_into(load, W, e_loc, S, pl.phy_ptr, lay.native_block_ptr, split._ROUNDS, keep, target)
         twin = _replan_numpy(load, pl, target, keep)
         for a, b in zip(compiled, twin):
             np.testing.assert_array_equal(a, b)
